@@ -1,0 +1,34 @@
+# Quick start: `make demo` and `make test`. Both create .venv/ when missing.
+# On a machine without CUDA the CPU build of torch (torch==2.13.0, on this
+# workplace's disk) is installed; with CUDA (nvidia-smi answers) a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(PY) -m pip install torch; \
+	else \
+		$(PY) -m pip install torch==2.13.0; \
+	fi
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/spml-fast demo
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/spml-fast bench loss
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,50 @@
+"""Which implementation runs an op.
+
+``auto`` picks the Triton kernels for CUDA tensors, and for CPU tensors when
+``TRITON_INTERPRET=1`` (Triton's interpreter: how the tests cover the kernels
+without a GPU); otherwise the tiled PyTorch path. float64 inputs (gradcheck)
+always take the PyTorch path, as do embedding widths above the kernels'
+single-tile limit.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+
+# The Triton kernels hold a whole embedding row in one tile (BLOCK_D = next
+# power of two >= D); beyond this width the registers spill, so wider
+# embeddings take the tiled PyTorch path.
+MAX_TRITON_DIM = 512
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(backend: str, reference: torch.Tensor) -> str:
+    """Resolve ``backend`` ("auto" | "triton" | "torch") for inputs like ``reference`` [rows, D]."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_ok = (triton_available() and (reference.is_cuda or interpreting())
+                 and reference.dtype != torch.float64 and reference.shape[-1] <= MAX_TRITON_DIM)
+    if backend == "triton":
+        if not triton_ok:
+            raise ValueError("backend='triton' needs triton installed, CUDA tensors or TRITON_INTERPRET=1, "
+                             f"a dtype other than float64 and D <= {MAX_TRITON_DIM} "
+                             f"(got device {reference.device}, dtype {reference.dtype}, D {reference.shape[-1]})")
+        return "triton"
+    if backend == "torch":
+        return "torch"
+    return "triton" if triton_ok else "torch"

@@ -1,0 +1,48 @@
+"""Label-defined membership of (pixel, segment) pairs in PyTorch (SPEC §5).
+
+Used by the tiled CPU path on one pixel chunk at a time and by the dense
+reference on the whole batch; the Triton kernels have their own copy in
+``triton_kernels/utils.py`` (``segment_membership``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def membership(pixel_labels: torch.Tensor, prototype_labels: torch.Tensor,
+               pixel_groups: Optional[torch.Tensor] = None,
+               prototype_groups: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) bool masks [n, M] before the own-segment rule.
+
+    pixel_labels [n] / prototype_labels [M] int64 class ids (-1 = unlabelled),
+    or [n, W] / [M, W] int64 bit sets; groups [n] / [M] int64 or None.
+    """
+    if pixel_labels.dim() == 2:  # set mode: positive iff the class sets intersect
+        shared = (pixel_labels[:, None, :] & prototype_labels[None, :, :]).ne(0).any(-1)
+        positive, negative = shared, ~shared
+    else:
+        labelled = (pixel_labels[:, None] >= 0) & (prototype_labels[None, :] >= 0)
+        same = pixel_labels[:, None] == prototype_labels[None, :]
+        positive, negative = labelled & same, labelled & ~same
+    if pixel_groups is not None:
+        same_group = pixel_groups[:, None] == prototype_groups[None, :]
+        positive, negative = positive & same_group, negative & same_group
+    return positive, negative
+
+
+def participating_pixels(pixel_labels: torch.Tensor) -> torch.Tensor:
+    """[N] bool: labelled pixels in single-label mode, every pixel in set mode."""
+    if pixel_labels.dim() == 2:
+        return torch.ones(pixel_labels.shape[0], dtype=torch.bool, device=pixel_labels.device)
+    return pixel_labels >= 0
+
+
+def reduce_pixel_losses(per_pixel: torch.Tensor, participating: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply SPEC §5's reduction to per-pixel losses [N] (0 where not participating)."""
+    if reduction == "none":
+        return per_pixel
+    if reduction == "sum":
+        return per_pixel.sum()
+    return per_pixel.sum() / participating.sum().clamp(min=1)
