@@ -9,6 +9,12 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter stores bfloat16 as uint16 and its tl.dot multiplies the
+# bit patterns (triton-lang/triton#11584, unfixed in 3.9): under the
+# interpreter, dot operands are upcast to float32 first. bf16 x bf16 products
+# are exact in float32, so this matches the tensor-core result up to the
+# order of accumulation. Compiled GPU code is unaffected.
+UPCAST_DOT_OPERANDS: tl.constexpr = tl.constexpr(INTERPRET)
 
 
 def tile_configs(interpret_config: dict, gpu_blocks: list[tuple[int, int]]) -> list[triton.Config]:
@@ -56,6 +62,8 @@ def load_rows_transposed(ptr, offs_rows, mask_rows, offs_d, mask_d, stride_row, 
 @triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32."""
+    if UPCAST_DOT_OPERANDS:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     else:

@@ -48,3 +48,8 @@ def select_backend(backend: str, reference: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     return "triton" if triton_ok else "torch"
+
+
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """float32 for float32 / bfloat16 / float16 inputs; float64 stays float64 (gradcheck)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32

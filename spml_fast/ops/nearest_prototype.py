@@ -29,7 +29,11 @@ def _torch_topk(embeddings, prototypes, k, pixel_groups, prototype_groups, tiles
         similarity = embeddings[rows].float() @ prototypes_t
         if pixel_groups is not None:
             similarity.masked_fill_(pixel_groups[rows, None] != prototype_groups[None, :], float("-inf"))
-        torch.topk(similarity, k, dim=1, out=(values[rows], indices[rows]))
+        if k == 1:  # argmax: the first (lowest-index) maximum, as the Triton kernel
+            values[rows, 0] = similarity.amax(dim=1)
+            indices[rows, 0] = similarity.argmax(dim=1)
+        else:
+            torch.topk(similarity, k, dim=1, out=(values[rows], indices[rows]))
     return values, indices
 
 
@@ -46,9 +50,11 @@ def nearest_prototype(embeddings: torch.Tensor, prototypes: torch.Tensor, k: int
         pixel_groups / prototype_groups: [N] / [M] integer, optional: only
             prototypes of the pixel's own group are eligible.
     Returns:
-        (indices [N, k] int64, similarities [N, k] float32), best first; ties
-        go to the lower index. Where fewer than k prototypes are eligible the
-        missing entries are index -1, similarity -inf.
+        (indices [N, k] int64, similarities [N, k] float32), best first, equal
+        similarities in index order. For k = 1 a tie goes to the lowest index
+        (deterministic k-means); for k > 1, which of several candidates tied at
+        the k-th place is kept is unspecified. Where fewer than k prototypes are
+        eligible the missing entries are index -1, similarity -inf.
     """
     check.check_matrix("embeddings", embeddings)
     check.check_matrix("prototypes", prototypes, cols=embeddings.shape[1])

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import _validate as check
-from .dispatch import select_backend
+from .dispatch import accumulation_dtype, select_backend
 from .membership import membership, participating_pixels, reduce_pixel_losses
 from .tiling import DEFAULT, TileConfig
 
@@ -67,13 +67,14 @@ def _chunks(inputs: LossInputs, num_pixels: int, num_prototypes: int):
 
 
 def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs):
-    """Tiled PyTorch forward: (lse_positive_other, lse_negative, num_positive_other), [N] float32 each."""
-    num_pixels = embeddings.shape[0]
-    prototypes_t = prototypes.float().t()
-    lse_positive = torch.empty(num_pixels, device=embeddings.device, dtype=torch.float32)
+    """Tiled PyTorch forward: (lse_positive_other, lse_negative, num_positive_other), [N] each,
+    in the accumulation dtype (float32; float64 for float64 inputs)."""
+    num_pixels, dtype = embeddings.shape[0], accumulation_dtype(embeddings)
+    prototypes_t = prototypes.to(dtype).t()
+    lse_positive = torch.empty(num_pixels, device=embeddings.device, dtype=dtype)
     lse_negative, num_positive = torch.empty_like(lse_positive), torch.empty_like(lse_positive)
     for rows in _chunks(inputs, num_pixels, prototypes.shape[0]):
-        logits = (embeddings[rows].float() @ prototypes_t).mul_(inputs.kappa)      # [chunk, M]
+        logits = (embeddings[rows].to(dtype) @ prototypes_t).mul_(inputs.kappa)    # [chunk, M]
         positive, negative = _chunk_membership(inputs, rows)
         lse_positive[rows] = _masked_logsumexp(logits, positive)
         lse_negative[rows] = _masked_logsumexp(logits, negative)
@@ -82,12 +83,13 @@ def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs):
 
 
 def torch_other_segment_grads(embeddings, prototypes, inputs: LossInputs, lse_positive, lse_all, pixel_grad):
-    """Tiled PyTorch backward over the non-own segments: (dE [N, D], dP [M, D]) float32."""
-    prototypes_f = prototypes.float()
-    grad_embeddings = torch.zeros(embeddings.shape, device=embeddings.device, dtype=torch.float32)
-    grad_prototypes = torch.zeros(prototypes.shape, device=embeddings.device, dtype=torch.float32)
+    """Tiled PyTorch backward over the non-own segments: (dE [N, D], dP [M, D]) in the accumulation dtype."""
+    dtype = accumulation_dtype(embeddings)
+    prototypes_f = prototypes.to(dtype)
+    grad_embeddings = torch.zeros(embeddings.shape, device=embeddings.device, dtype=dtype)
+    grad_prototypes = torch.zeros(prototypes.shape, device=embeddings.device, dtype=dtype)
     for rows in _chunks(inputs, embeddings.shape[0], prototypes.shape[0]):
-        pixels = embeddings[rows].float()
+        pixels = embeddings[rows].to(dtype)
         logits = (pixels @ prototypes_f.t()).mul_(inputs.kappa)                     # [chunk, M]
         positive, negative = _chunk_membership(inputs, rows)
         # softmax over S+ u S-, minus softmax over S+ (both <= 1 on their members)
@@ -126,20 +128,21 @@ _PATHS = {
 
 
 class PixelSegmentLossFunction(torch.autograd.Function):
-    """embeddings [N, D], prototypes [M, D] -> per-pixel loss [N] float32
-    (0 where the pixel does not participate)."""
+    """embeddings [N, D], prototypes [M, D] -> per-pixel loss [N] float32 (float64 for
+    float64 inputs), 0 where the pixel does not participate."""
 
     @staticmethod
     def forward(ctx, embeddings, prototypes, inputs: LossInputs, backend: str):
         stats, _ = _PATHS[backend]
         lse_positive_other, lse_negative, num_positive_other = stats(embeddings, prototypes, inputs)
+        dtype = accumulation_dtype(embeddings)
         own_logit = inputs.kappa * torch.einsum(
-            "nd,nd->n", embeddings.float(), prototypes.float().index_select(0, inputs.segment))
+            "nd,nd->n", embeddings.to(dtype), prototypes.to(dtype).index_select(0, inputs.segment))
         has_other_positive = num_positive_other > 0
         lse_positive = torch.where(has_other_positive, lse_positive_other, own_logit)
         lse_all = torch.logaddexp(lse_positive, lse_negative)
         participating = participating_pixels(inputs.labels.pixel)
-        per_pixel = (lse_all - lse_positive) * participating
+        per_pixel = (lse_all - lse_positive) * participating                      # [N] accumulation dtype
         # d L / d own_logit: the own segment is in S+ only when no other positive exists.
         own_grad = torch.where(has_other_positive, torch.zeros_like(lse_all), torch.exp(own_logit - lse_all) - 1.0)
         ctx.save_for_backward(embeddings, prototypes, lse_positive, lse_all, own_grad, participating)
@@ -151,11 +154,12 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         embeddings, prototypes, lse_positive, lse_all, own_grad, participating = ctx.saved_tensors
         inputs = ctx.inputs
         _, grads = _PATHS[ctx.backend]
-        pixel_grad = (grad_per_pixel.float() * participating).contiguous()
+        dtype = accumulation_dtype(embeddings)
+        pixel_grad = (grad_per_pixel.to(dtype) * participating).contiguous()
         grad_embeddings, grad_prototypes = grads(embeddings, prototypes, inputs, lse_positive, lse_all, pixel_grad)
         own_scale = (inputs.kappa * pixel_grad * own_grad)[:, None]                # [N, 1]
-        grad_embeddings += own_scale * prototypes.float().index_select(0, inputs.segment)
-        grad_prototypes.index_add_(0, inputs.segment, own_scale * embeddings.float())
+        grad_embeddings += own_scale * prototypes.to(dtype).index_select(0, inputs.segment)
+        grad_prototypes.index_add_(0, inputs.segment, own_scale * embeddings.to(dtype))
         return grad_embeddings.to(embeddings.dtype), grad_prototypes.to(prototypes.dtype), None, None
 
 
@@ -182,7 +186,7 @@ def pixel_segment_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, segme
             "triton" or "torch".
         tiles: chunking of the PyTorch path.
 
-    Returns: float32 scalar, or [N] float32 for reduction="none".
+    Returns: float32 scalar, or [N] float32 for reduction="none" (float64 for float64 inputs).
     """
     check.check_matrix("embeddings", embeddings)
     num_pixels, dim = embeddings.shape

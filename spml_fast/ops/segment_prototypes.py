@@ -12,19 +12,21 @@ from __future__ import annotations
 import torch
 
 from . import _validate as check
-from .dispatch import select_backend
+from .dispatch import accumulation_dtype, select_backend
 
 EPS = 1e-12  # as torch.nn.functional.normalize
 
 
 def segment_sums(embeddings: torch.Tensor, segment: torch.Tensor, num_segments: int, backend: str):
-    """(sums [M, D], counts [M]) float32 of embeddings [N, D] grouped by segment [N] int64."""
+    """(sums [M, D], counts [M]) of embeddings [N, D] grouped by segment [N] int64, float32
+    (float64 for float64 input)."""
     if backend == "triton":
         from spml_fast.triton_kernels.segment_sum import launch_segment_sum
         return launch_segment_sum(embeddings, segment, num_segments)
-    sums = torch.zeros(num_segments, embeddings.shape[1], device=embeddings.device, dtype=torch.float32)
-    sums.index_add_(0, segment, embeddings.float())
-    counts = torch.bincount(segment, minlength=num_segments).to(torch.float32)
+    dtype = accumulation_dtype(embeddings)
+    sums = torch.zeros(num_segments, embeddings.shape[1], device=embeddings.device, dtype=dtype)
+    sums.index_add_(0, segment, embeddings.to(dtype))
+    counts = torch.bincount(segment, minlength=num_segments).to(dtype)
     return sums, counts
 
 
@@ -42,7 +44,7 @@ class SegmentPrototypesFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_prototypes, _grad_counts):
         segment, prototypes, norms = ctx.saved_tensors
-        grad_prototypes = grad_prototypes.float()
+        grad_prototypes = grad_prototypes.to(prototypes.dtype)
         # d normalize(s) / ds applied to g: (g - p <p, g>) / |s|
         grad_sums = (grad_prototypes - prototypes * (prototypes * grad_prototypes).sum(1, keepdim=True)) / norms
         return grad_sums.index_select(0, segment).to(ctx.input_dtype), None, None, None
@@ -57,7 +59,7 @@ def segment_prototypes(embeddings: torch.Tensor, segment: torch.Tensor, num_segm
         segment: [N] integer in [0, num_segments).
         num_segments: M.
     Returns:
-        prototypes [M, D] float32 (a zero row for an empty segment), and with
+        prototypes [M, D] float32 (float64 for float64 input; a zero row for an empty segment), and with
         ``return_counts`` also counts [M] float32 (pixels per segment).
     """
     check.check_matrix("embeddings", embeddings)

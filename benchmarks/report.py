@@ -1,0 +1,61 @@
+"""Benchmark output: JSON ``{"env": {...}, "results": [...], "parity": [...]}``,
+a markdown table with ratios against the dense baseline, and PNG plots."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from typing import Iterable
+
+BASELINE = "dense"
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write via a temp file in the same folder and rename: a killed run never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def to_json(env: dict, records: Iterable, checks: list[dict]) -> str:
+    return json.dumps(dict(env=env, results=[asdict(r) for r in records], parity=checks), indent=2)
+
+
+def _fmt_time(record) -> str:
+    if record.status != "ok":
+        return record.status
+    return f"{record.time_s * 1e3:.1f} ({record.time_min_s * 1e3:.1f}-{record.time_max_s * 1e3:.1f})"
+
+
+def to_markdown(env: dict, records: list, checks: list[dict]) -> str:
+    lines = [f"Device: {env['device']} ({env['device_kind']}), {env['threads']} threads, "
+             f"torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']}, {env['date']}", "",
+             "| suite | case | impl | time ms, median (min-max) | extra peak MiB | speed-up vs dense | "
+             "memory ratio dense / impl |",
+             "|---|---|---|---|---|---|---|"]
+    baselines = {(r.suite, r.case): r for r in records if r.impl == BASELINE and r.status == "ok"}
+    for record in records:
+        base = baselines.get((record.suite, record.case))
+        speed = memory = ""
+        if base and record.status == "ok" and record.impl != BASELINE:
+            speed = f"{base.time_s / record.time_s:.2f}x"
+            memory = f"{base.peak_mem_mb / max(record.peak_mem_mb, 1e-3):.1f}x"
+        peak = f"{record.peak_mem_mb:.0f}" if record.peak_mem_mb is not None else ""
+        lines.append(f"| {record.suite} | {record.case} | {record.impl} | {_fmt_time(record)} | {peak} | "
+                     f"{speed} | {memory} |")
+    if checks:
+        lines += ["", "Parity of the tiled implementation against dense on the same inputs:", ""]
+        for check in checks:
+            detail = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
+                               for k, v in check.items() if k not in ("suite", "case"))
+            lines.append(f"- {check['suite']} / {check['case']}: {detail}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,5 @@
+import sys
+
+from spml_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared builders for the op tests: random pixel/segment problems in every
+label mode, and the backends/devices to run them on."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spml_fast.ops.dispatch import interpreting
+
+CUDA = torch.cuda.is_available()
+TRITON_ON_CPU = interpreting()
+
+
+def backend_params():
+    """torch always; triton when it can run (CUDA, or the interpreter on CPU)."""
+    reason = "triton backend needs a GPU or TRITON_INTERPRET=1 (make test sets it)"
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not (CUDA or TRITON_ON_CPU), reason=reason))]
+
+
+def device_for(backend: str) -> str:
+    """CPU unless the triton backend runs without the interpreter (then CUDA)."""
+    return "cuda" if backend == "triton" and not TRITON_ON_CPU else "cpu"
+
+
+@dataclass
+class Problem:
+    embeddings: torch.Tensor           # [N, D]
+    prototypes: torch.Tensor           # [M, D]
+    segment: torch.Tensor              # [N]
+    pixel_labels: torch.Tensor         # [N] or [N, W]
+    prototype_labels: torch.Tensor     # [M] or [M, W]
+    groups: dict = field(default_factory=dict)
+
+    def args(self):
+        return (self.embeddings, self.prototypes, self.segment, self.pixel_labels, self.prototype_labels)
+
+    def leaf(self, dtype: Optional[torch.dtype] = None):
+        """Fresh leaf tensors (optionally cast) requiring grad."""
+        dtype = dtype or self.embeddings.dtype
+        return (self.embeddings.detach().to(dtype).requires_grad_(),
+                self.prototypes.detach().to(dtype).requires_grad_())
+
+
+def make_problem(num_pixels=150, num_segments=45, dim=24, mode="single", num_classes=5, num_words=2,
+                 num_groups=3, unlabelled=0.2, dtype=torch.float32, device="cpu", seed=0) -> Problem:
+    """mode: "single", "set", "single+groups" or "set+groups". Sizes default to non-multiples of tiles."""
+    gen = torch.Generator().manual_seed(seed)
+    embeddings = F.normalize(torch.randn(num_pixels, dim, generator=gen), dim=1)
+    prototypes = F.normalize(torch.randn(num_segments, dim, generator=gen), dim=1)
+    segment = torch.randint(0, num_segments, (num_pixels,), generator=gen)
+    if mode.startswith("set"):
+        # random class sets over 64 * num_words classes, sparse so that both relations occur
+        bits = torch.rand(num_pixels + num_segments, num_words * 64, generator=gen) < (2.0 / (num_words * 64))
+        words = torch.zeros(num_pixels + num_segments, num_words, dtype=torch.int64)
+        for bit in range(64):
+            words |= bits[:, bit::64].to(torch.int64) << bit
+        pixel_labels, prototype_labels = words[:num_pixels], words[num_pixels:]
+    else:
+        pixel_labels = torch.randint(0, num_classes, (num_pixels,), generator=gen)
+        prototype_labels = torch.randint(0, num_classes, (num_segments,), generator=gen)
+        pixel_labels[torch.rand(num_pixels, generator=gen) < unlabelled] = -1
+        prototype_labels[torch.rand(num_segments, generator=gen) < unlabelled] = -1
+    groups = {}
+    if mode.endswith("groups"):
+        groups = dict(pixel_groups=torch.randint(0, num_groups, (num_pixels,), generator=gen).to(device),
+                      prototype_groups=torch.randint(0, num_groups, (num_segments,), generator=gen).to(device))
+    return Problem(embeddings.to(device=device, dtype=dtype), prototypes.to(device=device, dtype=dtype),
+                   segment.to(device), pixel_labels.to(device), prototype_labels.to(device), groups)
+
+
+MODES = ["single", "set", "single+groups", "set+groups"]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def pytest_report_header(config):
+    return f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} cuda={CUDA}"
