@@ -52,10 +52,20 @@ def make_inputs(case: dict, device: str, seed: int = 0) -> dict:
     inputs = dict(embeddings=embeddings.to(device=device, dtype=dtype),
                   prototypes=prototypes.to(device=device, dtype=dtype),
                   segment=segment.to(device), kappa=case["kappa"])
-    if case["mode"] == "set":  # image tag sets as one 64-bit word (K <= 64)
-        image_tags = torch.randint(1, 2 ** min(case["classes"], 62), (images,), generator=gen)
-        inputs.update(pixel_labels=image_tags[pixel_image][:, None].to(device),
-                      prototype_labels=image_tags[segment_image][:, None].to(device))
+    if case["mode"] == "set":
+        # Relation O: image tag sets (1-3 of the K - 1 foreground classes, one 64-bit word),
+        # segments from the batch and a memory bank of two earlier batches (3 x images sources).
+        sources = 3 * images
+        segment_source = torch.arange(num_segments) * sources // num_segments
+        counts = torch.randint(1, 4, (sources,), generator=gen)
+        source_tags = torch.zeros(sources, dtype=torch.int64)
+        for source in range(sources):
+            classes = torch.randperm(case["classes"] - 1, generator=gen)[: int(counts[source])] + 1
+            source_tags[source] = int((1 << classes).sum())
+        segment = pixel_image * (num_segments // sources) + torch.randint(0, num_segments // sources,
+                                                                          (num_pixels,), generator=gen)
+        inputs.update(segment=segment.to(device), pixel_labels=source_tags[pixel_image][:, None].to(device),
+                      prototype_labels=source_tags[segment_source][:, None].to(device))
     else:
         inputs.update(pixel_labels=segment_label[segment].to(device), prototype_labels=segment_label.to(device))
     if case["mode"] == "groups":
@@ -113,7 +123,7 @@ def parity(case: dict, device: str) -> dict:
         return dict(status="skipped: dense does not fit")
     loss_t, (ge_t, gp_t) = _tiled(case, device)()
     loss_d, (ge_d, gp_d) = _dense(case, device)()
-    return dict(status="ok", loss=float(loss_d),
+    return dict(status="ok", loss=float(loss_d.detach()),
                 loss_abs_diff=float((loss_t.float() - loss_d.float()).abs()),
                 grad_embeddings_max_abs_diff=float((ge_t.float() - ge_d.float()).abs().max()),
                 grad_prototypes_max_abs_diff=float((gp_t.float() - gp_d.float()).abs().max()))

@@ -137,3 +137,43 @@ def test_triton_and_torch_paths_agree():
     a = pixel_segment_loss(*problem.args(), backend="triton", reduction="none", **problem.groups)
     b = pixel_segment_loss(*problem.args(), backend="torch", reduction="none", **problem.groups)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("chunk_bytes", [1, 700, 1 << 20])
+def test_torch_path_independent_of_chunking(mode, chunk_bytes):
+    """Chunks of 1 row, a few rows (chunks spanning several pixel types) and everything at once."""
+    from spml_fast import TileConfig
+    problem = make_problem(mode=mode, num_classes=3)
+    tiles = TileConfig(chunk_bytes=chunk_bytes, min_chunk=1)
+    expected = pixel_segment_loss_dense(*problem.args(), kappa=9.0, reduction="none", **problem.groups)
+    embeddings, prototypes = problem.leaf()
+    got = pixel_segment_loss(embeddings, prototypes, *problem.args()[2:], kappa=9.0, reduction="none",
+                             backend="torch", tiles=tiles, **problem.groups)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    dense_embeddings, dense_prototypes = problem.leaf()
+    pixel_segment_loss_dense(dense_embeddings, dense_prototypes, *problem.args()[2:], kappa=9.0, reduction="none",
+                             **problem.groups).sum().backward()
+    torch.testing.assert_close(embeddings.grad, dense_embeddings.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(prototypes.grad, dense_prototypes.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_one_set_far_below_the_other(backend):
+    """Positives at cosine -1, negatives at +1, kappa = 60: exp(-120) underflows float32 under a
+    shared shift, so the positive log-sum-exp must be computed with its own maximum."""
+    device = device_for(backend)
+    direction = F.normalize(torch.randn(1, 16), dim=1)
+    embeddings = direction.repeat(6, 1).to(device)
+    prototypes = torch.cat([-direction.repeat(3, 1), direction.repeat(3, 1)]).to(device)
+    segment = torch.tensor([0, 1, 2, 0, 1, 2], device=device)          # own segments are positives
+    pixel_labels = torch.zeros(6, dtype=torch.int64, device=device)
+    prototype_labels = torch.tensor([0, 0, 0, 1, 1, 1], device=device)
+    got = pixel_segment_loss(embeddings, prototypes, segment, pixel_labels, prototype_labels, kappa=60.0,
+                             reduction="none", backend=backend)
+    expected = pixel_segment_loss_dense(embeddings, prototypes, segment, pixel_labels, prototype_labels,
+                                        kappa=60.0, reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    assert float(got.min()) > 100   # about 2 * kappa: the negatives dominate
