@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (GPU_BLOCKS, block_dim, contrastive_grad_tile, dot, ieee_dot, load_rows,
-                    load_rows_transposed, segment_membership, tile_configs)
+from .utils import (GPU_BLOCKS, block_dim, contrast_tile, contrastive_grad_tile, dot, ieee_dot,
+                    load_pixel_stats, load_rows, load_rows_transposed, segment_membership, tile_configs)
 
 # Pixels handled by one split of grad_prototypes_kernel: a multiple of every
 # BLOCK_N candidate, so the split boundaries never cut a tile.
@@ -48,20 +48,17 @@ def grad_embeddings_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     pixel_tile = load_rows(embeddings, offs_n, mask_n, offs_d, mask_d, stride_en, stride_ed)
-    own = tl.load(own_segment + offs_n, mask=mask_n, other=-1)
-    lse_pos = tl.load(lse_positive + offs_n, mask=mask_n, other=0.0)
-    lse_tot = tl.load(lse_all + offs_n, mask=mask_n, other=0.0)
-    upstream = tl.load(pixel_grad + offs_n, mask=mask_n, other=0.0)   # scaled to [-1, 1]
+    own, lse_pos, lse_tot, upstream = load_pixel_stats(offs_n, mask_n, own_segment, lse_positive, lse_all,
+                                                       pixel_grad)
 
     accumulator = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)              # dE tile, fp32
     for start_m in range(0, M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M
-        prototype_tile_t = load_rows_transposed(prototypes, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd)
-        logits = dot(pixel_tile, prototype_tile_t, IEEE) * kappa
-        positive, negative = segment_membership(offs_n, mask_n, own, offs_m, mask_m,
-                                                pixel_labels, prototype_labels, num_words,
-                                                pixel_groups, prototype_groups, SET_MODE, HAS_GROUPS)
+        logits, positive, negative, prototype_tile_t = contrast_tile(
+            pixel_tile, prototypes, offs_n, mask_n, own, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd,
+            kappa, pixel_labels, prototype_labels, num_words, pixel_groups, prototype_groups,
+            SET_MODE, HAS_GROUPS, IEEE)
         grad_logits = contrastive_grad_tile(logits, positive, negative, lse_pos, lse_tot) * upstream[:, None]
         accumulator += dot(grad_logits.to(prototype_tile_t.dtype), tl.trans(prototype_tile_t), IEEE)
     tl.store(grad_out + offs_n[:, None] * D + offs_d[None, :], accumulator,
@@ -94,10 +91,9 @@ def grad_prototypes_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         mask_n = offs_n < split_end
         pixel_tile = load_rows(embeddings, offs_n, mask_n, offs_d, mask_d, stride_en, stride_ed)
-        own = tl.load(own_segment + offs_n, mask=mask_n, other=-1)
-        lse_pos = tl.load(lse_positive + offs_n, mask=mask_n, other=0.0)
-        lse_tot = tl.load(lse_all + offs_n, mask=mask_n, other=0.0)
-        upstream = tl.load(pixel_grad + offs_n, mask=mask_n, other=0.0)
+        own, lse_pos, lse_tot, upstream = load_pixel_stats(offs_n, mask_n, own_segment, lse_positive, lse_all,
+                                                           pixel_grad)
+        # the prototype tile stays in registers; the pixel tile is the streamed operand here
         logits = dot(pixel_tile, prototype_tile_t, IEEE) * kappa
         positive, negative = segment_membership(offs_n, mask_n, own, offs_m, mask_m,
                                                 pixel_labels, prototype_labels, num_words,

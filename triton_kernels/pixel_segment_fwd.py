@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (GPU_BLOCKS, block_dim, dot, ieee_dot, load_rows, load_rows_transposed,
-                    finish_lse, online_lse_update, segment_membership, tile_configs)
+from .utils import (GPU_BLOCKS, block_dim, contrast_tile, finish_lse, ieee_dot, load_rows, online_lse_update,
+                    tile_configs)
 
 
 @triton.autotune(configs=tile_configs({"BLOCK_N": 32, "BLOCK_M": 32}, GPU_BLOCKS),
@@ -45,11 +45,10 @@ def pixel_segment_lse_kernel(
     for start_m in range(0, M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         mask_m = offs_m < M
-        prototype_tile_t = load_rows_transposed(prototypes, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd)
-        logits = dot(pixel_tile, prototype_tile_t, IEEE) * kappa                      # [BLOCK_N, BLOCK_M] fp32
-        positive, negative = segment_membership(offs_n, mask_n, own, offs_m, mask_m,
-                                                pixel_labels, prototype_labels, num_words,
-                                                pixel_groups, prototype_groups, SET_MODE, HAS_GROUPS)
+        logits, positive, negative, _ = contrast_tile(                                 # [BLOCK_N, BLOCK_M] fp32
+            pixel_tile, prototypes, offs_n, mask_n, own, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd,
+            kappa, pixel_labels, prototype_labels, num_words, pixel_groups, prototype_groups,
+            SET_MODE, HAS_GROUPS, IEEE)
         max_positive, sum_positive = online_lse_update(max_positive, sum_positive, logits, positive)
         max_negative, sum_negative = online_lse_update(max_negative, sum_negative, logits, negative)
         num_positive += tl.sum(positive.to(tl.float32), axis=1)

@@ -107,6 +107,33 @@ def segment_membership(offs_n, mask_n, own_segment, offs_m, mask_m,
 
 
 @triton.jit
+def contrast_tile(pixel_tile, prototypes, offs_n, mask_n, own_segment, offs_m, mask_m, offs_d, mask_d,
+                  stride_pm, stride_pd, kappa, pixel_labels, prototype_labels, num_words,
+                  pixel_groups, prototype_groups,
+                  SET_MODE: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr):
+    """One step of every loss kernel's tile loop: load the prototype tile, compute
+    kappa * similarity [BLOCK_N, BLOCK_M] in float32 and the tile's membership.
+    Returns (logits, positive, negative, prototype_tile_t [BLOCK_D, BLOCK_M])."""
+    prototype_tile_t = load_rows_transposed(prototypes, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd)
+    logits = dot(pixel_tile, prototype_tile_t, IEEE) * kappa
+    positive, negative = segment_membership(offs_n, mask_n, own_segment, offs_m, mask_m,
+                                            pixel_labels, prototype_labels, num_words,
+                                            pixel_groups, prototype_groups, SET_MODE, HAS_GROUPS)
+    return logits, positive, negative, prototype_tile_t
+
+
+@triton.jit
+def load_pixel_stats(offs_n, mask_n, own_segment, lse_positive, lse_all, pixel_grad):
+    """Per-pixel inputs of the backward kernels: own segment, the forward's
+    log-sum-exps and the upstream gradient (scaled to [-1, 1])."""
+    own = tl.load(own_segment + offs_n, mask=mask_n, other=-1)
+    lse_pos = tl.load(lse_positive + offs_n, mask=mask_n, other=0.0)
+    lse_tot = tl.load(lse_all + offs_n, mask=mask_n, other=0.0)
+    upstream = tl.load(pixel_grad + offs_n, mask=mask_n, other=0.0)
+    return own, lse_pos, lse_tot, upstream
+
+
+@triton.jit
 def online_lse_update(running_max, running_sum, logits, member):
     """Fold the members of one tile into a running (max, sum of exp(x - max)) per row.
 

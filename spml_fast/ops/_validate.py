@@ -17,10 +17,14 @@ INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_matrix(name: str, tensor, rows: Optional[int] = None, cols: Optional[int] = None) -> None:
-    """A non-empty 2-D floating tensor, optionally with a given shape."""
+def require_tensor(name: str, tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def check_matrix(name: str, tensor, rows: Optional[int] = None, cols: Optional[int] = None) -> None:
+    """A non-empty 2-D floating tensor, optionally with a given shape."""
+    require_tensor(name, tensor)
     if tensor.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, D], got shape {tuple(tensor.shape)}")
     if tensor.dtype not in FLOAT_DTYPES:
@@ -43,8 +47,7 @@ def check_same_kind(name: str, tensor: torch.Tensor, like_name: str, like: torch
 def check_index_vector(name: str, tensor, length: int, device: torch.device,
                        upper: Optional[int] = None, allow_negative: bool = False) -> torch.Tensor:
     """A 1-D integer tensor of ``length`` entries; returns it as contiguous int64."""
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    require_tensor(name, tensor)
     if tensor.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(tensor.shape)}")
     if tensor.dtype not in INT_DTYPES:
@@ -101,8 +104,7 @@ class Labels:
 def check_labels(pixel_labels, prototype_labels, num_pixels: int, num_prototypes: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     for name, tensor in (("pixel_labels", pixel_labels), ("prototype_labels", prototype_labels)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        require_tensor(name, tensor)
         if tensor.dim() not in (1, 2):
             raise ValueError(f"{name} must be [rows] class ids or [rows, W] int64 bit sets, "
                              f"got shape {tuple(tensor.shape)}")
