@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -48,19 +49,123 @@ def run_bench(args) -> int:
     return 0
 
 
+def _add_synth(subparsers) -> None:
+    synth = subparsers.add_parser("synth", help="write the built-in synthetic dataset (SPML list-file layout)")
+    synth.add_argument("--out", required=True, metavar="DIR")
+    synth.add_argument("--train-images", type=int, default=160)
+    synth.add_argument("--val-images", type=int, default=40)
+    synth.add_argument("--size", type=int, default=96)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=run_synth)
+
+
+def run_synth(args) -> int:
+    from spml_fast.synth import SynthConfig, write_dataset
+    info = write_dataset(args.out, SynthConfig(args.train_images, args.val_images, args.size, args.seed))
+    print(f"wrote {info['train']} training and {info['val']} validation scenes to {args.out}")
+    return 0
+
+
+def _add_train(subparsers) -> None:
+    from spml_fast.config import PRESETS
+    train = subparsers.add_parser("train", help="train an SPML embedding (or the pce baseline)")
+    train.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    train.add_argument("--data", metavar="ROOT", help="data root (paths in the list are relative to it)")
+    train.add_argument("--list", metavar="FILE", help="training list file (default: the preset's)")
+    train.add_argument("--classes", metavar="N|FILE")
+    train.add_argument("--out", metavar="RUN_DIR", default=None)
+    train.add_argument("--iterations", type=int)
+    train.add_argument("--crop", type=int)
+    train.add_argument("--batch", type=int)
+    train.add_argument("--device", choices=["cpu", "cuda"])
+    train.add_argument("--pretrained", metavar="PATH", help="local ImageNet state dict of the backbone")
+    train.add_argument("--workers", type=int)
+    train.add_argument("--config", metavar="YAML", help="settings overriding the preset")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one setting, e.g. relations.weight_image=0.2 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    train.set_defaults(run=run_train)
+
+
+def build_config(args):
+    from spml_fast.config import PRESETS, apply_overrides, load_yaml_overrides
+    config = PRESETS[args.preset]
+    overrides = load_yaml_overrides(args.config) if args.config else {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = value
+    flags = {"data_root": args.data, "train_list": args.list, "classes": args.classes,
+             "optim.iterations": args.iterations, "augment.crop": args.crop, "optim.batch": args.batch,
+             "device": args.device, "pretrained": args.pretrained, "workers": args.workers}
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return apply_overrides(config, overrides)
+
+
+def run_train(args) -> int:
+    from spml_fast.train import train
+    config = build_config(args)
+    if not config.data_root:
+        raise ValueError("--data ROOT is required (or data_root in --config)")
+    out = args.out or os.path.join("runs", config.preset)
+    result = train(config, out, resume=args.resume)
+    print(f"trained {result['iteration']} iterations; checkpoint {result['checkpoint']}; "
+          + ", ".join(f"{k} {v:.4f}" for k, v in result["losses"].items()))
+    return 0
+
+
+def _add_eval(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="mIoU of a trained run on a list")
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE")
+    evaluate.add_argument("--data", metavar="ROOT")
+    evaluate.add_argument("--list", metavar="FILE")
+    evaluate.add_argument("--classes", metavar="N|FILE", help="must match the run's classes when given")
+    evaluate.add_argument("--bank", metavar="BANK", help="prototype bank (safetensors); default: built from "
+                                                         "the run's training list")
+    evaluate.add_argument("--window", type=int, help="sliding-window size for large images")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(run=run_eval_command)
+
+
+def run_eval_command(args) -> int:
+    import json
+    from spml_fast.data import read_classes
+    from spml_fast.evaluate import format_table, run_eval
+    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device, args.window,
+                                   progress=not args.json)
+    if args.classes:
+        given = read_classes(args.classes if args.classes.isdigit() or os.path.isabs(args.classes)
+                             else os.path.join(args.data or ".", args.classes))
+        if len(given) != len(class_names):
+            raise ValueError(f"--classes gives {len(given)} classes, the run was trained with {len(class_names)}")
+    if args.json:
+        print(json.dumps(dict(result, classes=class_names)))
+    else:
+        print(format_table(result, class_names))
+    return 0
+
+
 def _add_demo(subparsers) -> None:
-    demo = subparsers.add_parser("demo", help="the main job on built-in data (for now: the loss benchmark, quick)")
+    demo = subparsers.add_parser("demo", help="synth, train on synthetic-scribble and the pce baseline, eval, figure")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR")
+    demo.add_argument("--iterations", type=int, default=None)
     demo.set_defaults(run=run_demo)
 
 
 def run_demo(args) -> int:
-    bench_args = argparse.Namespace(suite="loss", quick=True, json=None, markdown=None, device=None, repeats=None)
-    return run_bench(bench_args)
+    from spml_fast.demo import demo
+    demo(args.out, args.iterations)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_synth(subparsers)
+    _add_train(subparsers)
+    _add_eval(subparsers)
     _add_bench(subparsers)
     _add_demo(subparsers)
     return parser
@@ -68,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from spml_fast.data import DataError
+    try:
+        return args.run(args)
+    except (ValueError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

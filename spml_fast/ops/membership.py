@@ -46,3 +46,16 @@ def reduce_pixel_losses(per_pixel: torch.Tensor, participating: torch.Tensor, re
     if reduction == "sum":
         return per_pixel.sum()
     return per_pixel.sum() / participating.sum().clamp(min=1)
+
+
+def row_ids(key: torch.Tensor) -> torch.Tensor:
+    """Dense ids of the distinct rows of key [P, K] int64, numbered in sorted row order: [P] int64.
+
+    One 1-D unique per column (torch.unique(dim=0) goes row by row in Python-visible
+    ops and costs more than the whole loss here); ids stay < P, so combining
+    the running id with the next column's id never overflows int64."""
+    ids = torch.zeros(key.shape[0], dtype=torch.int64, device=key.device)
+    for column in key.unbind(1):
+        values, column_ids = torch.unique(column, return_inverse=True)
+        ids = torch.unique(ids * values.shape[0] + column_ids, return_inverse=True)[1]
+    return ids

@@ -26,7 +26,7 @@ import torch
 
 from . import _validate as check
 from .dispatch import accumulation_dtype, select_backend
-from .membership import membership, participating_pixels, reduce_pixel_losses
+from .membership import membership, participating_pixels, reduce_pixel_losses, row_ids
 from .tiling import DEFAULT, TileConfig
 
 
@@ -66,7 +66,7 @@ class PixelTypes:
         key = labels.pixel[rows] if labels.set_mode else labels.pixel[rows, None]
         if labels.pixel_groups is not None:
             key = torch.cat([key, labels.pixel_groups[rows, None]], dim=1)
-        type_of = _row_ids(key)
+        type_of = row_ids(key)
         order = torch.argsort(type_of, stable=True)
         num_types = int(type_of.max()) + 1 if type_of.numel() else 0
         first_row = torch.full((num_types,), key.shape[0], dtype=torch.int64, device=key.device)
@@ -134,19 +134,6 @@ class _ColumnCache:
         if chunk.columns is not self.columns:
             self.columns, self.selected = chunk.columns, chunk.prototypes(self.prototypes)
         return self.selected
-
-
-def _row_ids(key: torch.Tensor) -> torch.Tensor:
-    """Dense ids of the distinct rows of key [P, K] int64, numbered in sorted row order: [P] int64.
-
-    One 1-D unique per column (torch.unique(dim=0) goes row by row in Python-visible
-    ops and costs more than the whole loss here); ids stay < P, so combining
-    the running id with the next column's id never overflows int64."""
-    ids = torch.zeros(key.shape[0], dtype=torch.int64, device=key.device)
-    for column in key.unbind(1):
-        values, column_ids = torch.unique(column, return_inverse=True)
-        ids = torch.unique(ids * values.shape[0] + column_ids, return_inverse=True)[1]
-    return ids
 
 
 def _row_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

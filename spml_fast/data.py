@@ -1,0 +1,295 @@
+"""Datasets (SPEC §7, §11): SPML list files, a plain folder of images and PNG
+label maps, weak annotations turned into pixel labels, over-segmentations
+(read, or computed with scikit-image and cached), and the augmentations of
+SPEC §8.
+
+Every random choice of the training pipeline is a pure function of
+(seed, epoch, position in the epoch), whatever the worker scheduling, so a
+resumed run sees exactly the samples an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .io import save_png
+
+IGNORE = 255
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """A missing, unreadable or invalid data file; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    image: str                       # absolute paths; label / overseg None when not given
+    label: Optional[str] = None
+    overseg: Optional[str] = None
+    key: str = ""                    # the image path as written in the list (tags.json key)
+
+
+def read_list(root: str, list_file: str) -> list[Entry]:
+    """SPML list file: ``image [label [overseg]]`` per line, paths relative to ``root``; ``-`` = none."""
+    path = list_file if os.path.isabs(list_file) or os.path.exists(list_file) else os.path.join(root, list_file)
+    if not os.path.isfile(path):
+        raise DataError(f"list file not found: {path}")
+    entries = []
+    with open(path) as lines:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) > 3:
+                raise DataError(f"{path}:{number}: expected 'image [label [overseg]]', got {len(fields)} fields")
+            resolved = [None if f == "-" else os.path.join(root, f) for f in fields] + [None] * (3 - len(fields))
+            entries.append(Entry(resolved[0], resolved[1], resolved[2], key=fields[0]))
+    if not entries:
+        raise DataError(f"list file is empty: {path}")
+    return entries
+
+
+def read_folder(root: str, images: str = "images", labels: str = "labels") -> list[Entry]:
+    """A plain folder: ``root/images/<stem>.{jpg,png}`` with ``root/labels/<stem>.png`` when present."""
+    image_dir = os.path.join(root, images)
+    if not os.path.isdir(image_dir):
+        raise DataError(f"image folder not found: {image_dir}")
+    entries = []
+    for name in sorted(os.listdir(image_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() not in (".jpg", ".jpeg", ".png", ".bmp"):
+            continue
+        label = os.path.join(root, labels, stem + ".png")
+        entries.append(Entry(os.path.join(image_dir, name), label if os.path.exists(label) else None,
+                             key=f"{images}/{name}"))
+    if not entries:
+        raise DataError(f"no images in {image_dir}")
+    return entries
+
+
+def read_classes(classes) -> list[str]:
+    """``--classes N`` or a file of class names, one per line (index 0 = background)."""
+    if isinstance(classes, int) or (isinstance(classes, str) and classes.isdigit()):
+        count = int(classes)
+        if count < 2:
+            raise ValueError(f"--classes must be at least 2, got {count}")
+        return ["background"] + [f"class{i}" for i in range(1, count)]
+    if not os.path.isfile(classes):
+        raise DataError(f"classes file not found: {classes}")
+    with open(classes) as names:
+        return [n.strip() for n in names if n.strip()]
+
+
+def load_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def load_label(path: str, num_classes: int) -> np.ndarray:
+    """Class id per pixel, 255 = unlabelled; any other value outside [0, K) is an error."""
+    try:
+        with Image.open(path) as image:
+            label = np.asarray(image if image.mode in ("P", "L") else image.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"label map not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read label map {path}: {error}") from None
+    values = np.unique(label)
+    bad = values[(values >= num_classes) & (values != IGNORE)]
+    if bad.size:
+        raise DataError(f"label map {path} holds value {int(bad[0])}, outside [0, {num_classes}) and 255")
+    return label
+
+
+def load_overseg(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise DataError(f"over-segmentation not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read over-segmentation {path}: {error}") from None
+    if array.ndim == 3:  # RGB-encoded region ids
+        array = (array[..., 0].astype(np.int64) << 16) | (array[..., 1].astype(np.int64) << 8) | array[..., 2]
+    return np.unique(array, return_inverse=True)[1].reshape(array.shape[:2]).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class OversegConfig:
+    method: str = "felzenszwalb"     # "felzenszwalb" | "slic"
+    scale: float = 60.0              # felzenszwalb
+    sigma: float = 0.8
+    min_size: int = 20
+    segments: int = 100              # slic
+
+
+def compute_overseg(image: np.ndarray, config: OversegConfig, cache_dir: Optional[str]) -> np.ndarray:
+    """Superpixels by scikit-image, cached on disk keyed by image content and parameters."""
+    key = hashlib.sha1(image.tobytes() + repr((image.shape, config)).encode()).hexdigest()
+    cached = os.path.join(cache_dir, key[:2], key + ".png") if cache_dir else None
+    if cached and os.path.exists(cached):
+        try:
+            return load_overseg(cached)
+        except DataError:
+            pass                                  # a damaged cache entry is recomputed
+    from skimage.segmentation import felzenszwalb, slic
+    if config.method == "felzenszwalb":
+        regions = felzenszwalb(image, scale=config.scale, sigma=config.sigma, min_size=config.min_size)
+    elif config.method == "slic":
+        regions = slic(image, n_segments=config.segments, start_label=0)
+    else:
+        raise ValueError(f"over-segmentation method must be felzenszwalb or slic, got {config.method!r}")
+    regions = regions.astype(np.int64)
+    if cached:
+        save_png(cached, regions.astype(np.uint16))
+    return regions
+
+
+def tags_to_words(tags, num_classes: int) -> np.ndarray:
+    """Class ids -> int64 bit set [W], W = ceil(K / 64)."""
+    words = np.zeros((num_classes + 63) // 64, dtype=np.int64)
+    for cls in tags:
+        words[cls // 64] |= np.int64(1) << np.int64(cls % 64)
+    return words
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop: int = 96                    # crop size (SPEC §8: 512)
+    scale_range: tuple = (0.5, 1.5)
+    mirror: bool = True
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Samples: image [3, S, S] float (normalised), label [S, S] int64 (255 = unlabelled),
+    overseg [S, S] int64 (-1 = padding), valid [S, S] bool (not padding), tags [W] int64
+    (image tags, background excluded), index."""
+
+    def __init__(self, entries: list[Entry], num_classes: int, root: str, train: bool = True,
+                 augment: AugmentConfig = AugmentConfig(), overseg: OversegConfig = OversegConfig(),
+                 seed: int = 0, skip_bad: bool = False, tags_file: Optional[str] = None):
+        self.entries, self.num_classes, self.train, self.augment = entries, num_classes, train, augment
+        self.overseg_config, self.seed, self.skip_bad = overseg, seed, skip_bad
+        self.cache_dir = os.path.join(root, ".cache", "overseg")
+        tags_file = tags_file or os.path.join(root, "tags.json")
+        self.given_tags = {}
+        if os.path.exists(tags_file):
+            with open(tags_file) as handle:
+                self.given_tags = json.load(handle)
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> dict:
+        """The raw arrays of one entry (no augmentation)."""
+        entry = self.entries[index]
+        image = load_image(entry.image)
+        label = (load_label(entry.label, self.num_classes) if entry.label
+                 else np.full(image.shape[:2], IGNORE, dtype=np.uint8))
+        if label.shape != image.shape[:2]:
+            raise DataError(f"label map {entry.label} is {label.shape}, image {entry.image} is {image.shape[:2]}")
+        regions = (load_overseg(entry.overseg) if entry.overseg
+                   else compute_overseg(image, self.overseg_config, self.cache_dir))
+        if entry.key in self.given_tags:
+            tags = [int(t) for t in self.given_tags[entry.key] if 0 < int(t) < self.num_classes]
+        else:
+            tags = [int(t) for t in np.unique(label) if 0 < t < self.num_classes]
+        return dict(image=image, label=label, overseg=regions, tags=tags)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            raw = self.load(index)
+        except DataError as error:
+            if not self.skip_bad:
+                raise
+            warnings.warn(f"skipping: {error}")
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        image, label, regions = raw["image"], raw["label"], raw["overseg"]
+        valid = np.ones(label.shape, dtype=bool)
+        if self.train:
+            image, label, regions, valid = _augment(rng, image, label, regions, self.augment)
+        tensor = (torch.from_numpy(image.astype(np.float32) / 255.0) - torch.tensor(MEAN)) / torch.tensor(STD)
+        return dict(image=tensor.permute(2, 0, 1).contiguous(), label=torch.from_numpy(label.astype(np.int64)),
+                    overseg=torch.from_numpy(regions.astype(np.int64)), valid=torch.from_numpy(valid),
+                    tags=torch.from_numpy(tags_to_words(raw["tags"], self.num_classes)), index=index)
+
+
+def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    height, width = size
+    if array.ndim == 3:
+        return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+    mode_array = array.astype(np.int32)
+    return np.asarray(Image.fromarray(mode_array).resize((width, height), Image.NEAREST)).astype(array.dtype)
+
+
+def _augment(rng, image, label, regions, config: AugmentConfig):
+    """Random scale, mirror, and crop-with-pad (image padded with the mean, label 255, overseg -1)."""
+    scale = rng.uniform(*config.scale_range)
+    height, width = label.shape
+    size = (max(1, int(round(height * scale))), max(1, int(round(width * scale))))
+    image, label, regions = _resize(image, size, False), _resize(label, size, True), _resize(regions, size, True)
+    if config.mirror and rng.random() < 0.5:
+        image, label, regions = image[:, ::-1], label[:, ::-1], regions[:, ::-1]
+    crop = config.crop
+    out_image = np.tile((np.array(MEAN) * 255).astype(np.uint8), (crop, crop, 1))
+    out_label = np.full((crop, crop), IGNORE, dtype=np.uint8)
+    out_regions = np.full((crop, crop), -1, dtype=np.int64)
+    valid = np.zeros((crop, crop), dtype=bool)
+    top = int(rng.integers(0, max(1, size[0] - crop) + 1))
+    left = int(rng.integers(0, max(1, size[1] - crop) + 1))
+    h, w = min(crop, size[0] - top), min(crop, size[1] - left)
+    out_image[:h, :w] = image[top:top + h, left:left + w]
+    out_label[:h, :w] = label[top:top + h, left:left + w]
+    out_regions[:h, :w] = regions[top:top + h, left:left + w]
+    valid[:h, :w] = True
+    return out_image, out_label, out_regions, valid
+
+
+def collate(samples: list) -> dict:
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    return {key: (torch.stack([s[key] for s in samples]) if key != "index" else
+                  torch.tensor([s[key] for s in samples])) for key in samples[0]}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Permutation per epoch from (seed, epoch); ``start`` skips what a resumed run already consumed."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        usable = self.size - self.size % self.world_size
+        return order[self.rank:usable:self.world_size].tolist()
+
+    def __iter__(self):
+        return iter(self.indices()[self.start:])
+
+    def __len__(self):
+        return max(0, len(self.indices()) - self.start)

@@ -1,0 +1,176 @@
+"""The embedding network (SPEC §3): a dilated ResNet with output stride 8, an
+ASPP head (rates 6/12/18/24) to D channels, x2 upsampling to stride 4, and L2
+normalisation over channels; plus a small backbone fit for CPU training.
+
+The ResNet is written here with torchvision's parameter names
+(``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so a
+torchvision or SPML ImageNet state dict loads by name. torchvision itself is
+not a dependency: its PyPI wheels pin a torch build that is not the CPU
+build this project installs, and it would be used for two class definitions.
+Nothing is downloaded: ``load_pretrained`` reads a local file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, dilation: int = 1,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=dilation, dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class DilatedResNet(nn.Module):
+    """ResNet-50/101 with layer3 and layer4 dilated (2, 4) instead of strided: output stride 8."""
+
+    BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+    def __init__(self, depth: int = 101):
+        super().__init__()
+        if depth not in self.BLOCKS:
+            raise ValueError(f"depth must be one of {sorted(self.BLOCKS)}, got {depth}")
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.in_channels = 64
+        blocks = self.BLOCKS[depth]
+        self.layer1 = self._layer(64, blocks[0], stride=1, dilation=1)
+        self.layer2 = self._layer(128, blocks[1], stride=2, dilation=1)
+        self.layer3 = self._layer(256, blocks[2], stride=1, dilation=2)
+        self.layer4 = self._layer(512, blocks[3], stride=1, dilation=4)
+        self.out_channels = 2048
+
+    def _layer(self, width: int, count: int, stride: int, dilation: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_channels != width * Bottleneck.expansion:
+            downsample = nn.Sequential(nn.Conv2d(self.in_channels, width * 4, 1, stride, bias=False),
+                                       nn.BatchNorm2d(width * 4))
+        layers = [Bottleneck(self.in_channels, width, stride, max(1, dilation // 2) if dilation > 1 else 1,
+                             downsample)]
+        self.in_channels = width * Bottleneck.expansion
+        layers += [Bottleneck(self.in_channels, width, 1, dilation) for _ in range(count - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, images):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class SmallBackbone(nn.Module):
+    """A 6-conv network with output stride 8 for CPU training of the built-in data."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout, stride, dilation=1):
+            return [nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+                    nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*block(3, width, 2), *block(width, width, 1), *block(width, 2 * width, 2),
+                                      *block(2 * width, 2 * width, 1), *block(2 * width, 4 * width, 2),
+                                      *block(4 * width, 4 * width, 1, dilation=2))
+        self.out_channels = 4 * width
+
+    def forward(self, images):
+        return self.features(images)
+
+
+class ASPP(nn.Module):
+    """DeepLab-v2 atrous spatial pyramid pooling: parallel 3x3 convolutions, summed."""
+
+    def __init__(self, in_channels: int, out_channels: int, rates=(6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r)
+                                      for r in rates)
+
+    def forward(self, x):
+        return sum(branch(x) for branch in self.branches)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small"          # "small" | "resnet50" | "resnet101"
+    embedding_dim: int = 64          # D
+    width: int = 32                  # small backbone width
+    aspp_rates: tuple = (6, 12, 18, 24)
+
+
+class EmbeddingNet(nn.Module):
+    """images [B, 3, H, W] float -> unit embeddings [B, D, ceil(H/4), ceil(W/4)] float32."""
+
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        if config.backbone == "small":
+            self.backbone = SmallBackbone(config.width)
+            rates = tuple(max(1, r // 6) for r in config.aspp_rates)   # 1/2/3/4: the small maps are small
+        elif config.backbone in ("resnet50", "resnet101"):
+            self.backbone = DilatedResNet(int(config.backbone[6:]))
+            rates = config.aspp_rates
+        else:
+            raise ValueError(f"backbone must be small, resnet50 or resnet101, got {config.backbone!r}")
+        self.aspp = ASPP(self.backbone.out_channels, config.embedding_dim, rates)
+        self.checkpoint_backbone = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_backbone and self.training:
+            from torch.utils.checkpoint import checkpoint
+            features = checkpoint(self.backbone, images, use_reentrant=False)
+        else:
+            features = self.backbone(images)
+        embedding = self.aspp(features)
+        embedding = F.interpolate(embedding, scale_factor=2, mode="bilinear", align_corners=False)
+        return F.normalize(embedding.float(), dim=1)
+
+
+def load_pretrained(model: EmbeddingNet, path: str) -> dict:
+    """Load a local ImageNet state dict (torchvision names, optionally prefixed by
+    ``module.``/``backbone.``/``resnet.``; fc weights ignored) into the backbone.
+    Returns {"missing": [...], "unexpected": [...]}."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"--pretrained {path}: cannot read a state dict ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "backbone.", "resnet."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith("fc."):
+            cleaned[key] = value
+    result = model.backbone.load_state_dict(cleaned, strict=False)
+    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+
+
+class LinearClassifier(nn.Module):
+    """1x1 convolution from embeddings to K class logits (the partial cross-entropy baseline)."""
+
+    def __init__(self, embedding_dim: int, num_classes: int):
+        super().__init__()
+        self.classifier = nn.Conv2d(embedding_dim, num_classes, 1)
+
+    def forward(self, embeddings):
+        return self.classifier(embeddings)

@@ -1,0 +1,235 @@
+"""The built-in default dataset: seeded, deterministic synthetic scenes in the
+SPML list-file layout (SPEC §11), with exact masks and all four weak
+annotations derived from them.
+
+Each scene has a textured background (smooth noise in a random earth-tone
+palette) and 1-4 objects of the foreground classes; a class is a texture
+family (hue range and pattern: stripes, dots, checks, waves, speckle), not a
+shape, so shapes and sizes vary freely. Objects occlude each other, colours
+are jittered per object and per image. Written:
+
+  JPEGImages/NNNN.png        the image
+  segcls/NNNN.png            exact class mask (evaluation)
+  scribble/NNNN.png          strokes per object and background, 255 = unlabelled
+  point/NNNN.png             one dilated point per object, two for background
+  box/NNNN.png               0 outside every box, 255 inside (SPEC §7)
+  tags.json                  {"JPEGImages/NNNN.png": [classes present, background excluded]}
+  classes.txt                class names, one per line
+  train_{scribble,point,box,tag,full}.txt, val.txt   list files
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage import draw
+
+from .io import save_json, save_png, save_text
+
+CLASSES = ["background", "stripes", "dots", "checks", "waves", "speckle"]
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    train_images: int = 160
+    val_images: int = 40
+    size: int = 96
+    seed: int = 0
+    max_objects: int = 4
+    scribble_width: int = 1          # stroke half-width in pixels (dilation)
+    point_radius: int = 2
+
+
+# Hue (0-1) centre of each foreground class, and its pattern.
+_CLASS_HUES = {1: 0.0, 2: 0.33, 3: 0.6, 4: 0.13, 5: 0.8}
+
+
+def palette() -> list[int]:
+    colours = [(0, 0, 0), (220, 60, 60), (60, 200, 60), (60, 90, 220), (230, 190, 40), (200, 60, 200)]
+    flat = [c for colour in colours for c in colour]
+    return flat + [255, 255, 255] * (256 - len(colours))
+
+
+def _hsv_to_rgb(h, s, v):
+    i = np.floor(h * 6).astype(int) % 6
+    f = h * 6 - np.floor(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    rgb = np.zeros(h.shape + (3,))
+    for k, (r, g, b) in enumerate(choices):
+        sel = i == k
+        rgb[sel, 0], rgb[sel, 1], rgb[sel, 2] = r[sel], g[sel], b[sel]
+    return rgb
+
+
+def _smooth_noise(rng, size, scale):
+    noise = rng.standard_normal((size, size))
+    noise = ndimage.gaussian_filter(noise, scale)
+    return (noise - noise.min()) / (np.ptp(noise) + 1e-8)
+
+
+def _texture(rng, cls: int, size: int) -> np.ndarray:
+    """[size, size, 3] float in [0, 1] for a foreground class."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(float)
+    angle = rng.uniform(0, np.pi)
+    u = xx * np.cos(angle) + yy * np.sin(angle)
+    period = rng.uniform(5, 9)
+    if cls == 1:
+        pattern = (np.sin(2 * np.pi * u / period) > 0).astype(float)
+    elif cls == 2:
+        pattern = ((np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)) > 0.5).astype(float)
+    elif cls == 3:
+        pattern = ((np.floor(xx / period) + np.floor(yy / period)) % 2).astype(float)
+    elif cls == 4:
+        pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 3 * np.sin(2 * np.pi * yy / 17)) / period)
+    else:
+        pattern = (rng.random((size, size)) > 0.6).astype(float)
+    hue = (_CLASS_HUES[cls] + rng.uniform(-0.05, 0.05) + 0.04 * pattern) % 1.0
+    saturation = np.clip(rng.uniform(0.55, 0.9) - 0.3 * pattern, 0, 1)
+    value = np.clip(rng.uniform(0.55, 0.9) + 0.25 * (pattern - 0.5), 0, 1)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def _background(rng, size: int) -> np.ndarray:
+    base = _smooth_noise(rng, size, rng.uniform(2, 6))
+    grain = _smooth_noise(rng, size, 0.8)
+    hue = (rng.uniform(0.05, 0.15) + 0.05 * grain) * np.ones((size, size))
+    saturation = np.clip(rng.uniform(0.1, 0.35) + 0.1 * base, 0, 1)
+    value = np.clip(0.25 + 0.5 * base + 0.1 * grain, 0, 1)
+    return _hsv_to_rgb(hue, saturation, value)
+
+
+def _shape_mask(rng, size: int) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=bool)
+    radius = rng.uniform(0.12, 0.28) * size
+    cy, cx = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+    kind = rng.integers(3)
+    if kind == 0:
+        rr, cc = draw.ellipse(cy, cx, radius, radius * rng.uniform(0.6, 1.4), shape=mask.shape,
+                              rotation=rng.uniform(0, np.pi))
+    elif kind == 1:
+        half = radius * rng.uniform(0.7, 1.1)
+        rr, cc = draw.rectangle((cy - half, cx - half * rng.uniform(0.6, 1.4)),
+                                (cy + half, cx + half * rng.uniform(0.6, 1.4)), shape=mask.shape)
+        rr, cc = np.clip(rr, 0, size - 1).astype(int), np.clip(cc, 0, size - 1).astype(int)
+    else:
+        corners = rng.integers(3, 7)
+        angles = np.sort(rng.uniform(0, 2 * np.pi, corners))
+        radii = radius * rng.uniform(0.7, 1.2, corners)
+        rr, cc = draw.polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=mask.shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def _stroke(rng, region: np.ndarray, width: int) -> np.ndarray:
+    """A scribble: a smooth random walk through the (eroded) region, dilated by ``width``."""
+    inner = ndimage.binary_erosion(region, iterations=2)
+    if inner.sum() < 4:
+        inner = region
+    ys, xs = np.nonzero(inner)
+    stroke = np.zeros_like(region)
+    if len(ys) == 0:
+        return stroke
+    start = rng.integers(len(ys))
+    y, x = float(ys[start]), float(xs[start])
+    heading = rng.uniform(0, 2 * np.pi)
+    length = int(np.sqrt(len(ys)) * 1.5) + 4
+    for _ in range(length):
+        iy, ix = int(round(y)), int(round(x))
+        if 0 <= iy < region.shape[0] and 0 <= ix < region.shape[1] and inner[iy, ix]:
+            stroke[iy, ix] = True
+        heading += rng.normal(0, 0.35)
+        ny, nx = y + np.sin(heading), x + np.cos(heading)
+        niy, nix = int(round(ny)), int(round(nx))
+        if not (0 <= niy < region.shape[0] and 0 <= nix < region.shape[1] and inner[niy, nix]):
+            heading += np.pi * rng.uniform(0.5, 1.5)
+            continue
+        y, x = ny, nx
+    return ndimage.binary_dilation(stroke, iterations=width) & region
+
+
+def _point(rng, region: np.ndarray, radius: int) -> np.ndarray:
+    distance = ndimage.distance_transform_edt(region)
+    ys, xs = np.nonzero(distance >= max(1.0, distance.max() * 0.5))
+    point = np.zeros_like(region)
+    if len(ys):
+        k = rng.integers(len(ys))
+        point[ys[k], xs[k]] = True
+    return ndimage.binary_dilation(point, iterations=radius) & region
+
+
+def make_scene(seed: int, config: SynthConfig) -> dict:
+    """One deterministic scene: image uint8 [S, S, 3], mask, and the four weak label maps."""
+    rng = np.random.default_rng(seed)
+    size = config.size
+    image = _background(rng, size)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    instances = []
+    for _ in range(rng.integers(1, config.max_objects + 1)):
+        cls = int(rng.integers(1, len(CLASSES)))
+        shape = _shape_mask(rng, size)
+        texture = _texture(rng, cls, size)
+        image[shape] = texture[shape]
+        mask[shape] = cls
+        for instance in instances:       # occlusion: later objects cover earlier ones
+            instance["mask"] &= ~shape
+        instances.append(dict(cls=cls, mask=shape.copy()))
+    instances = [inst for inst in instances if inst["mask"].sum() >= 12]
+    brightness, contrast = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
+    image = np.clip((image - 0.5) * contrast + 0.5 * brightness + rng.normal(0, 0.02, image.shape), 0, 1)
+    image = (image * 255).astype(np.uint8)
+
+    scribble = np.full((size, size), IGNORE, dtype=np.uint8)
+    point = np.full((size, size), IGNORE, dtype=np.uint8)
+    box = np.zeros((size, size), dtype=np.uint8)
+    background = mask == 0
+    for _ in range(2):
+        scribble[_stroke(rng, background, config.scribble_width)] = 0
+        point[_point(rng, background, config.point_radius)] = 0
+    boxes = []
+    for instance in instances:
+        region = instance["mask"] & (mask == instance["cls"])
+        scribble[_stroke(rng, region, config.scribble_width)] = instance["cls"]
+        point[_point(rng, region, config.point_radius)] = instance["cls"]
+        ys, xs = np.nonzero(instance["mask"])
+        if len(ys):
+            box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = IGNORE
+            boxes.append([int(instance["cls"]), int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())])
+    tags = sorted({int(c) for c in np.unique(mask) if c != 0})
+    return dict(image=image, mask=mask, scribble=scribble, point=point, box=box, boxes=boxes, tags=tags)
+
+
+def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool = True) -> dict:
+    """Write the dataset under ``root`` (skipping scenes already complete: a killed run resumes)."""
+    from tqdm import tqdm
+    total = config.train_images + config.val_images
+    names = [f"{index:04d}" for index in range(total)]
+    tags, boxes = {}, {}
+    pal = palette()
+    for index in tqdm(range(total), desc="synth", disable=not progress, unit="image"):
+        name = names[index]
+        paths = {kind: os.path.join(root, folder, name + ".png") for kind, folder in
+                 (("image", "JPEGImages"), ("mask", "segcls"), ("scribble", "scribble"), ("point", "point"),
+                  ("box", "box"))}
+        scene = make_scene(config.seed * 1_000_003 + index, config)
+        if not all(os.path.exists(p) for p in paths.values()):
+            save_png(paths["mask"], scene["mask"], pal)
+            for kind in ("scribble", "point", "box"):
+                save_png(paths[kind], scene[kind], pal)
+            save_png(paths["image"], scene["image"])      # last: its presence marks the scene complete
+        tags[f"JPEGImages/{name}.png"] = scene["tags"]
+        boxes[f"JPEGImages/{name}.png"] = scene["boxes"]
+    save_json(os.path.join(root, "tags.json"), tags)
+    save_json(os.path.join(root, "boxes.json"), boxes)
+    save_text(os.path.join(root, "classes.txt"), "\n".join(CLASSES) + "\n")
+    train, val = names[:config.train_images], names[config.train_images:]
+    lists = {"scribble": "scribble", "point": "point", "box": "box", "full": "segcls"}
+    for list_name, folder in lists.items():
+        save_text(os.path.join(root, f"train_{list_name}.txt"),
+                  "".join(f"JPEGImages/{n}.png {folder}/{n}.png\n" for n in train))
+    save_text(os.path.join(root, "train_tag.txt"), "".join(f"JPEGImages/{n}.png\n" for n in train))
+    save_text(os.path.join(root, "val.txt"), "".join(f"JPEGImages/{n}.png segcls/{n}.png\n" for n in val))
+    return dict(root=root, train=len(train), val=len(val), classes=CLASSES)

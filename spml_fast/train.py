@@ -1,0 +1,214 @@
+"""The SPML trainer (SPEC §8): SGD with warm-up and poly decay, the four
+relations (or the partial cross-entropy baseline), atomic checkpoints with
+everything needed to resume exactly, a tqdm bar, a JSONL metrics log, and
+torch.distributed DDP when started by torchrun.
+
+Exact resume: data order and augmentation are functions of (seed, epoch,
+position) (``data.EpochSampler``, ``SegmentationDataset``), k-means is
+deterministic, and the checkpoint holds model, optimiser, memory bank,
+iteration, epoch, position and the torch RNG state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig, to_dict
+from .data import EpochSampler, SegmentationDataset, collate, read_classes, read_list
+from .io import atomic_path, save_json
+from .models import EmbeddingNet, LinearClassifier, load_pretrained
+from .relations import MemoryBank, relation_losses, weighted_total
+from .segments import make_segments
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class SpmlModel(torch.nn.Module):
+    """Embedding network, plus a linear classifier for the pce objective."""
+
+    def __init__(self, config: TrainConfig, num_classes: int):
+        super().__init__()
+        self.embedding = EmbeddingNet(config.model)
+        self.embedding.checkpoint_backbone = config.checkpoint_backbone
+        self.classifier = (LinearClassifier(config.model.embedding_dim, num_classes)
+                           if config.objective == "pce" else None)
+
+    def forward(self, images):
+        return self.embedding(images)
+
+
+def learning_rate(config: TrainConfig, iteration: int) -> float:
+    optim = config.optim
+    warm = min(1.0, (iteration + 1) / max(1, optim.warmup))
+    return optim.lr * warm * (1 - iteration / optim.iterations) ** optim.power
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Distributed:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on the CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
+
+
+def resolve(config: TrainConfig) -> tuple[str, list[str]]:
+    """(absolute train list path, class names)."""
+    classes = config.classes
+    if not classes.isdigit():
+        classes = classes if os.path.isabs(classes) else os.path.join(config.data_root, classes)
+    return config.train_list, read_classes(classes)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
+
+
+def load_checkpoint(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def training_step(model, batch, config: TrainConfig, bank: MemoryBank, num_classes: int, image_ids):
+    """Forward and loss of one batch: (total loss, {term: float}, segments for the bank or None)."""
+    embeddings = model(batch["image"])
+    if config.objective == "pce":
+        classifier = model.module.classifier if hasattr(model, "module") else model.classifier
+        logits = F.interpolate(classifier(embeddings), size=batch["label"].shape[-2:], mode="bilinear",
+                               align_corners=False)
+        label = torch.where(batch["valid"], batch["label"], torch.full_like(batch["label"], 255))
+        loss = F.cross_entropy(logits, label, ignore_index=255) if (label != 255).any() else logits.sum() * 0
+        return loss, {"pce": float(loss.detach())}, None
+    segments = make_segments(embeddings, batch["label"], batch["overseg"], batch["valid"], batch["tags"],
+                             num_classes, config.kmeans_grid, config.kmeans_iterations)
+    losses, local = relation_losses(segments, bank, config.relations, num_classes, image_ids)
+    total = weighted_total(losses, config.relations)
+    return total, {name: float(value.detach()) for name, value in losses.items()}, local
+
+
+def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: Optional[int] = None,
+          progress: bool = True) -> dict:
+    """Train; returns {"iteration", "checkpoint", "losses"}. ``stop_after`` ends the run abruptly
+    after that many iterations without saving (tests use it to stand for a killed run)."""
+    from tqdm import tqdm
+    dist = init_distributed(config.device)
+    device = torch.device(config.device, dist.local_rank) if config.device == "cuda" else torch.device("cpu")
+    train_list, class_names = resolve(config)
+    num_classes = len(class_names)
+    torch.manual_seed(config.seed)
+    dataset = SegmentationDataset(read_list(config.data_root, train_list), num_classes, config.data_root,
+                                  train=True, augment=config.augment, overseg=config.overseg, seed=config.seed)
+    per_rank_batch = max(1, config.optim.batch // dist.world_size)
+    sampler = EpochSampler(len(dataset), config.seed, dist.rank, dist.world_size)
+    model = SpmlModel(config, num_classes).to(device)
+    if config.pretrained:
+        report = load_pretrained(model.embedding, config.pretrained)
+        if dist.main:
+            print(f"pretrained {config.pretrained}: {len(report['missing'])} missing keys "
+                  f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected {report['unexpected'][:5]}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
+                                weight_decay=config.optim.weight_decay)
+    bank = MemoryBank(config.relations.memory_bank)
+    iteration, epoch, position = 0, 0, 0
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT)
+    if resume and os.path.exists(checkpoint_path):
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        bank.load_state_dict(state["bank"])
+        iteration, epoch, position = state["iteration"], state["epoch"], state["position"]
+        torch.set_rng_state(state["rng"])
+    if dist.main:
+        os.makedirs(out_dir, exist_ok=True)
+        save_json(os.path.join(out_dir, "config.json"), dict(to_dict(config), class_names=class_names))
+    wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if
+                                                         config.device == "cuda" else None)
+               if dist.world_size > 1 else model)
+    log_path = os.path.join(out_dir, "metrics.jsonl")
+    if dist.main:
+        _truncate_log(log_path, iteration)
+
+    def batches():
+        nonlocal epoch, position
+        while True:
+            sampler.set_epoch(epoch, position)
+            dataset.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
+                                                 num_workers=config.workers, collate_fn=collate, drop_last=True,
+                                                 persistent_workers=False)
+            for batch in loader:
+                position += per_rank_batch
+                if batch is not None:
+                    yield batch
+            epoch, position = epoch + 1, 0
+
+    def state_dict():
+        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), bank=bank.state_dict(),
+                    iteration=iteration, epoch=epoch, position=position, rng=torch.get_rng_state())
+
+    stream = batches()
+    bar = tqdm(total=config.optim.iterations, initial=iteration, desc=config.preset, unit="it",
+               disable=not (progress and dist.main))
+    wrapped.train()
+    last_terms = {}
+    started = time.time()
+    while iteration < config.optim.iterations:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(stream).items()}
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, iteration)
+        image_ids = (iteration * dist.world_size + dist.rank) * per_rank_batch + torch.arange(
+            batch["image"].shape[0], device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device == "cuda"):
+            total, terms, local = training_step(wrapped, batch, config, bank, num_classes, image_ids)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if local is not None:
+            bank.push(local)
+        iteration += 1
+        last_terms = dict(terms, total=float(total.detach()))
+        bar.set_postfix({k: f"{v:.3f}" for k, v in last_terms.items()})
+        bar.update()
+        if dist.main and (iteration % config.log_every == 0 or iteration == config.optim.iterations):
+            with open(log_path, "a") as log:
+                log.write(json.dumps(dict(iteration=iteration, lr=learning_rate(config, iteration - 1),
+                                          seconds=round(time.time() - started, 2), **last_terms)) + "\n")
+        if stop_after is not None and iteration >= stop_after:
+            bar.close()
+            return dict(iteration=iteration, checkpoint=None, losses=last_terms)
+        if dist.main and (iteration % config.checkpoint_every == 0 or iteration == config.optim.iterations):
+            save_checkpoint(checkpoint_path, state_dict())
+    bar.close()
+    return dict(iteration=iteration, checkpoint=checkpoint_path, losses=last_terms)
+
+
+def _truncate_log(path: str, iteration: int) -> None:
+    """A resumed run rewrites what came after its checkpoint: drop those log lines."""
+    if not os.path.exists(path):
+        return
+    with open(path) as log:
+        kept = [line for line in log if line.strip() and json.loads(line)["iteration"] <= iteration]
+    with atomic_path(path) as temp:
+        with open(temp, "w") as out:
+            out.writelines(kept)
