@@ -60,7 +60,7 @@ def _voc(preset, train_list, weights, kappa_o):
 def _synthetic(preset, train_list, weights, kappa_o, objective="spml"):
     base = _voc(preset, train_list, weights, kappa_o)
     return replace(base, objective=objective, model=ModelConfig(backbone="small", embedding_dim=32, width=32),
-                   optim=OptimConfig(lr=0.05, iterations=300, batch=8, warmup=20, weight_decay=1e-4),
+                   optim=OptimConfig(lr=0.05, iterations=600, batch=8, warmup=20, weight_decay=1e-4),
                    augment=AugmentConfig(crop=96, scale_range=(0.75, 1.25)),
                    overseg=OversegConfig(scale=60.0, sigma=0.8, min_size=20),
                    kmeans_grid=4, classes="classes.txt", checkpoint_every=100, eval_k=10)

@@ -150,8 +150,8 @@ def load_pretrained(model: EmbeddingNet, path: str) -> dict:
     Returns {"missing": [...], "unexpected": [...]}."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"--pretrained {path}: cannot read a state dict ({error})") from None
+    except Exception as error:  # missing file, not a zip/pickle, unsafe content: all "cannot read"
+        raise ValueError(f"--pretrained {path}: cannot read a state dict ({type(error).__name__}: {error})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     cleaned = {}

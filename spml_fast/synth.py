@@ -39,7 +39,7 @@ class SynthConfig:
     size: int = 96
     seed: int = 0
     max_objects: int = 4
-    scribble_width: int = 1          # stroke half-width in pixels (dilation)
+    scribble_width: int = 0          # stroke dilation in pixels: 0 = 1-px strokes, ~3% of pixels (VOC-like)
     point_radius: int = 2
 
 
@@ -148,7 +148,8 @@ def _stroke(rng, region: np.ndarray, width: int) -> np.ndarray:
             heading += np.pi * rng.uniform(0.5, 1.5)
             continue
         y, x = ny, nx
-    return ndimage.binary_dilation(stroke, iterations=width) & region
+    # scipy dilates until nothing changes when iterations < 1: width 0 means no dilation
+    return (ndimage.binary_dilation(stroke, iterations=width) if width > 0 else stroke) & region
 
 
 def _point(rng, region: np.ndarray, radius: int) -> np.ndarray:
@@ -158,7 +159,7 @@ def _point(rng, region: np.ndarray, radius: int) -> np.ndarray:
     if len(ys):
         k = rng.integers(len(ys))
         point[ys[k], xs[k]] = True
-    return ndimage.binary_dilation(point, iterations=radius) & region
+    return (ndimage.binary_dilation(point, iterations=radius) if radius > 0 else point) & region
 
 
 def make_scene(seed: int, config: SynthConfig) -> dict:

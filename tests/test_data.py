@@ -1,0 +1,159 @@
+"""Data readers on real files written by the tests, including the bad-file errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spml_fast.data import (DataError, EpochSampler, SegmentationDataset, collate, read_classes, read_folder,
+                            read_list, tags_to_words)
+from spml_fast.synth import CLASSES, SynthConfig, make_scene, write_dataset
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth"))
+    write_dataset(root, SynthConfig(train_images=6, val_images=2, size=48), progress=False)
+    return root
+
+
+def test_synth_is_deterministic_and_consistent():
+    a, b = make_scene(7, SynthConfig(size=48)), make_scene(7, SynthConfig(size=48))
+    for key in ("image", "mask", "scribble", "point", "box"):
+        assert np.array_equal(a[key], b[key])
+    mask, scribble = a["mask"], a["scribble"]
+    labelled = scribble != 255
+    assert labelled.any() and np.array_equal(scribble[labelled], mask[labelled])   # scribbles agree with truth
+    assert np.all(a["box"][mask > 0] == 255)                                        # objects inside boxes
+    assert a["tags"] == sorted(set(np.unique(mask).tolist()) - {0})
+
+
+def test_list_file_reader(synth_root):
+    entries = read_list(synth_root, "train_scribble.txt")
+    assert len(entries) == 6 and entries[0].image.endswith("JPEGImages/0000.png")
+    assert entries[0].label.endswith("scribble/0000.png") and entries[0].overseg is None
+    tags_only = read_list(synth_root, "train_tag.txt")
+    assert tags_only[0].label is None
+    dataset = SegmentationDataset(tags_only, len(CLASSES), synth_root, train=False)
+    sample = dataset[0]
+    given = json.load(open(os.path.join(synth_root, "tags.json")))["JPEGImages/0000.png"]
+    assert torch.equal(sample["tags"], torch.from_numpy(tags_to_words(given, len(CLASSES))))
+    assert (sample["label"] == 255).all()
+
+
+def test_sample_shapes_and_overseg_cache(synth_root):
+    dataset = SegmentationDataset(read_list(synth_root, "train_scribble.txt"), len(CLASSES), synth_root,
+                                  train=False)
+    sample = dataset[1]
+    assert sample["image"].shape == (3, 48, 48) and sample["label"].shape == (48, 48)
+    assert sample["overseg"].min() == 0 and sample["overseg"].max() > 2
+    cache = os.path.join(synth_root, ".cache", "overseg")
+    files = [f for _, _, names in os.walk(cache) for f in names]
+    assert files, "the computed over-segmentation is cached on disk"
+    again = dataset[1]
+    assert torch.equal(again["overseg"], sample["overseg"])
+
+
+def test_given_overseg_column(synth_root, tmp_path):
+    regions = np.arange(48 * 48, dtype=np.uint16).reshape(48, 48) // 100
+    Image.fromarray(regions).save(tmp_path / "regions.png")
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"JPEGImages/0000.png scribble/0000.png {tmp_path / 'regions.png'}\n")
+    dataset = SegmentationDataset(read_list(synth_root, str(list_file)), len(CLASSES), synth_root, train=False)
+    assert int(dataset[0]["overseg"].max()) == int(regions.max())
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(synth_root):
+    entries = read_list(synth_root, "train_scribble.txt")
+    first = SegmentationDataset(entries, len(CLASSES), synth_root, seed=3)
+    second = SegmentationDataset(entries, len(CLASSES), synth_root, seed=3)
+    for dataset in (first, second):
+        dataset.set_epoch(2)
+    a, b = first[4], second[4]
+    for key in ("image", "label", "overseg", "valid"):
+        assert torch.equal(a[key], b[key])
+    first.set_epoch(3)
+    assert not torch.equal(first[4]["image"], a["image"])
+
+
+def test_epoch_sampler_resumes_mid_epoch():
+    sampler = EpochSampler(10, seed=1, rank=0, world_size=1)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, start=6)
+    assert list(sampler) == full[6:] and sorted(full) == list(range(10))
+    ranks = [EpochSampler(10, 1, r, 2) for r in range(2)]
+    for s in ranks:
+        s.set_epoch(0)
+    assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
+
+
+def test_folder_reader(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "a.jpg")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "b.png")
+    Image.fromarray(np.ones((8, 8), dtype=np.uint8)).save(tmp_path / "labels" / "a.png")
+    entries = read_folder(str(tmp_path))
+    assert [os.path.basename(e.image) for e in entries] == ["a.jpg", "b.png"]
+    assert entries[0].label.endswith("a.png") and entries[1].label is None
+    with pytest.raises(DataError, match="image folder not found"):
+        read_folder(str(tmp_path / "missing"))
+
+
+def _write_list(tmp_path, line):
+    path = tmp_path / "list.txt"
+    path.write_text(line + "\n")
+    return str(path)
+
+
+def test_missing_image_names_the_file(synth_root, tmp_path):
+    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, "JPEGImages/nope.png")),
+                                  len(CLASSES), synth_root, train=False)
+    with pytest.raises(DataError, match="image not found: .*nope.png"):
+        dataset[0]
+
+
+def test_unreadable_image_names_the_file(synth_root, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, str(tmp_path / "broken.png"))),
+                                  len(CLASSES), synth_root, train=False)
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        dataset[0]
+
+
+def test_label_out_of_range_names_file_and_value(synth_root, tmp_path):
+    label = np.zeros((48, 48), dtype=np.uint8)
+    label[3, 3] = 17
+    Image.fromarray(label).save(tmp_path / "bad_label.png")
+    line = f"JPEGImages/0000.png {tmp_path / 'bad_label.png'}"
+    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, line)), len(CLASSES), synth_root,
+                                  train=False)
+    with pytest.raises(DataError, match=r"bad_label.png holds value 17, outside \[0, 6\)"):
+        dataset[0]
+
+
+def test_skip_bad_warns_and_skips(synth_root, tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_text("JPEGImages/nope.png\nJPEGImages/0001.png\n")
+    dataset = SegmentationDataset(read_list(synth_root, str(path)), len(CLASSES), synth_root, train=False,
+                                  skip_bad=True)
+    with pytest.warns(UserWarning, match="nope.png"):
+        batch = collate([dataset[0], dataset[1]])
+    assert batch["image"].shape[0] == 1
+
+
+def test_list_and_classes_errors(tmp_path):
+    with pytest.raises(DataError, match="list file not found"):
+        read_list(str(tmp_path), "absent.txt")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(DataError, match="list file is empty"):
+        read_list(str(tmp_path), "empty.txt")
+    (tmp_path / "wide.txt").write_text("a b c d\n")
+    with pytest.raises(DataError, match="wide.txt:1"):
+        read_list(str(tmp_path), "wide.txt")
+    assert read_classes("3") == ["background", "class1", "class2"]
+    with pytest.raises(DataError, match="classes file not found"):
+        read_classes(str(tmp_path / "nope.txt"))
