@@ -160,6 +160,20 @@ def run_demo(args) -> int:
     return 0
 
 
+def _add_experiments(subparsers) -> None:
+    experiments = subparsers.add_parser("experiments", help="README tables: each supervision and the relation "
+                                                            "ablation on the built-in data")
+    experiments.add_argument("--out", default="runs/experiments", metavar="DIR")
+    experiments.add_argument("--iterations", type=int, default=None)
+    experiments.set_defaults(run=run_experiments_command)
+
+
+def run_experiments_command(args) -> int:
+    from spml_fast.experiments import run_experiments, to_markdown
+    print(to_markdown(run_experiments(args.out, args.iterations)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(subparsers)
     _add_bench(subparsers)
     _add_demo(subparsers)
+    _add_experiments(subparsers)
     return parser
 
 

@@ -37,6 +37,7 @@ class TrainConfig:
     data_root: str = ""
     train_list: str = ""
     val_list: str = "val.txt"
+    bank_list: str = ""                     # labels for the prototype bank; "" = train_list (SPEC §7 pseudo-labels)
     classes: str = "21"
     seed: int = 0
     device: str = "cpu"
@@ -79,7 +80,8 @@ PRESETS = {
         optim=OptimConfig(iterations=45000), classes="15"),
     "synthetic-scribble": _synthetic("synthetic-scribble", "train_scribble.txt", (1.0, 0.5, 0.0), 12.0),
     "synthetic-point": _synthetic("synthetic-point", "train_point.txt", (0.1, 0.1, 0.0), 8.0),
-    "synthetic-box": _synthetic("synthetic-box", "train_box.txt", (0.3, 0.3, 0.0), 8.0),
+    "synthetic-box": replace(_synthetic("synthetic-box", "train_box.txt", (0.3, 0.3, 0.0), 8.0),
+                             bank_list="train_boxfill.txt"),
     "synthetic-tag": _synthetic("synthetic-tag", "train_tag.txt", (0.3, 0.3, 0.0), 8.0),
     "synthetic-scribble-pce": _synthetic("synthetic-scribble-pce", "train_scribble.txt", (1.0, 0.5, 0.0), 12.0,
                                          objective="pce"),

@@ -151,7 +151,7 @@ def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Option
             stored = load_file(bank_path)
             bank = (stored["prototypes"].to(device), stored["labels"].to(device))
         else:
-            train_set = SegmentationDataset(read_list(config.data_root, config.train_list), num_classes,
+            train_set = SegmentationDataset(read_list(config.data_root, config.bank_list or config.train_list), num_classes,
                                             config.data_root, train=False, overseg=config.overseg)
             bank = build_bank(model, train_set, config, num_classes, device, progress)
     val_set = SegmentationDataset(read_list(root, list_file or config.val_list), num_classes, root, train=False,

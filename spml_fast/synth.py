@@ -13,9 +13,10 @@ are jittered per object and per image. Written:
   scribble/NNNN.png          strokes per object and background, 255 = unlabelled
   point/NNNN.png             one dilated point per object, two for background
   box/NNNN.png               0 outside every box, 255 inside (SPEC §7)
+  boxfill/NNNN.png           box pseudo-labels: inside a box its class (smaller boxes on top), 0 outside
   tags.json                  {"JPEGImages/NNNN.png": [classes present, background excluded]}
   classes.txt                class names, one per line
-  train_{scribble,point,box,tag,full}.txt, val.txt   list files
+  train_{scribble,point,box,boxfill,tag,full}.txt, val.txt   list files
 """
 from __future__ import annotations
 
@@ -199,8 +200,12 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
         if len(ys):
             box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = IGNORE
             boxes.append([int(instance["cls"]), int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())])
+    boxfill = np.zeros((size, size), dtype=np.uint8)
+    for cls, top, left, bottom, right in sorted(boxes, key=lambda b: -(b[3] - b[1] + 1) * (b[4] - b[2] + 1)):
+        boxfill[top:bottom + 1, left:right + 1] = cls
     tags = sorted({int(c) for c in np.unique(mask) if c != 0})
-    return dict(image=image, mask=mask, scribble=scribble, point=point, box=box, boxes=boxes, tags=tags)
+    return dict(image=image, mask=mask, scribble=scribble, point=point, box=box, boxfill=boxfill, boxes=boxes,
+                tags=tags)
 
 
 def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool = True) -> dict:
@@ -214,11 +219,11 @@ def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool
         name = names[index]
         paths = {kind: os.path.join(root, folder, name + ".png") for kind, folder in
                  (("image", "JPEGImages"), ("mask", "segcls"), ("scribble", "scribble"), ("point", "point"),
-                  ("box", "box"))}
+                  ("box", "box"), ("boxfill", "boxfill"))}
         scene = make_scene(config.seed * 1_000_003 + index, config)
         if not all(os.path.exists(p) for p in paths.values()):
             save_png(paths["mask"], scene["mask"], pal)
-            for kind in ("scribble", "point", "box"):
+            for kind in ("scribble", "point", "box", "boxfill"):
                 save_png(paths[kind], scene[kind], pal)
             save_png(paths["image"], scene["image"])      # last: its presence marks the scene complete
         tags[f"JPEGImages/{name}.png"] = scene["tags"]
@@ -227,7 +232,7 @@ def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool
     save_json(os.path.join(root, "boxes.json"), boxes)
     save_text(os.path.join(root, "classes.txt"), "\n".join(CLASSES) + "\n")
     train, val = names[:config.train_images], names[config.train_images:]
-    lists = {"scribble": "scribble", "point": "point", "box": "box", "full": "segcls"}
+    lists = {"scribble": "scribble", "point": "point", "box": "box", "boxfill": "boxfill", "full": "segcls"}
     for list_name, folder in lists.items():
         save_text(os.path.join(root, f"train_{list_name}.txt"),
                   "".join(f"JPEGImages/{n}.png {folder}/{n}.png\n" for n in train))
