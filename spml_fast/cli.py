@@ -84,6 +84,7 @@ def _add_train(subparsers) -> None:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. relations.weight_image=0.2 (repeatable)")
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    train.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
     train.set_defaults(run=run_train)
 
 
@@ -98,7 +99,8 @@ def build_config(args):
         overrides[key] = value
     flags = {"data_root": args.data, "train_list": args.list, "classes": args.classes,
              "optim.iterations": args.iterations, "augment.crop": args.crop, "optim.batch": args.batch,
-             "device": args.device, "pretrained": args.pretrained, "workers": args.workers}
+             "device": args.device, "pretrained": args.pretrained, "workers": args.workers,
+             "skip_bad": True if args.skip_bad else None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return apply_overrides(config, overrides)
 
@@ -126,6 +128,7 @@ def _add_eval(subparsers) -> None:
     evaluate.add_argument("--window", type=int, help="sliding-window size for large images")
     evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
     evaluate.set_defaults(run=run_eval_command)
 
 
@@ -134,7 +137,7 @@ def run_eval_command(args) -> int:
     from spml_fast.data import read_classes
     from spml_fast.evaluate import format_table, run_eval
     result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device, args.window,
-                                   progress=not args.json)
+                                   progress=not args.json, skip_bad=args.skip_bad)
     if args.classes:
         given = read_classes(args.classes if args.classes.isdigit() or os.path.isabs(args.classes)
                              else os.path.join(args.data or ".", args.classes))

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     workers: int = 2
+    skip_bad: bool = False                  # skip missing/unreadable files with a warning instead of failing
     checkpoint_every: int = 500
     log_every: int = 10
     checkpoint_backbone: bool = False

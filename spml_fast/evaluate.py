@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, from_dict
 from .data import IGNORE, SegmentationDataset, read_list
-from .ops import nearest_prototype, segment_prototypes, spherical_kmeans
-from .segments import location_features, pool_labels, sample_nearest
-from .ops import grid_assignment
+from .ops import grid_assignment, nearest_prototype, segment_prototypes, spherical_kmeans
+from .segments import location_features, pool_labels
 from .train import CHECKPOINT, SpmlModel, load_checkpoint
 
 
@@ -140,7 +139,7 @@ def format_table(result: dict, class_names: list[str]) -> str:
 
 def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
              bank_path: Optional[str] = None, device: str = "cpu", window: Optional[int] = None,
-             progress: bool = True) -> tuple[dict, list[str]]:
+             progress: bool = True, skip_bad: bool = False) -> tuple[dict, list[str]]:
     model, config, class_names = load_run(checkpoint, device)
     root = data_root or config.data_root
     num_classes = len(class_names)
@@ -152,8 +151,8 @@ def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Option
             bank = (stored["prototypes"].to(device), stored["labels"].to(device))
         else:
             train_set = SegmentationDataset(read_list(config.data_root, config.bank_list or config.train_list), num_classes,
-                                            config.data_root, train=False, overseg=config.overseg)
+                                            config.data_root, train=False, overseg=config.overseg, skip_bad=skip_bad)
             bank = build_bank(model, train_set, config, num_classes, device, progress)
     val_set = SegmentationDataset(read_list(root, list_file or config.val_list), num_classes, root, train=False,
-                                  overseg=config.overseg)
+                                  overseg=config.overseg, skip_bad=skip_bad)
     return evaluate(model, val_set, bank, num_classes, config.eval_k, window, device, progress), class_names

@@ -118,7 +118,8 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
     num_classes = len(class_names)
     torch.manual_seed(config.seed)
     dataset = SegmentationDataset(read_list(config.data_root, train_list), num_classes, config.data_root,
-                                  train=True, augment=config.augment, overseg=config.overseg, seed=config.seed)
+                                  train=True, augment=config.augment, overseg=config.overseg, seed=config.seed,
+                                  skip_bad=config.skip_bad)
     per_rank_batch = max(1, config.optim.batch // dist.world_size)
     sampler = EpochSampler(len(dataset), config.seed, dist.rank, dist.world_size)
     model = SpmlModel(config, num_classes).to(device)

@@ -64,6 +64,16 @@ def test_cli_train_and_eval_json(tiny_root, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 0.0 <= result["mIoU"] <= 1.0 and len(result["per_class"]) == 6
+    # a list naming a missing image: an error naming the file, or skipped with --skip-bad
+    bad_list = tmp_path / "bad.txt"
+    bad_list.write_text("JPEGImages/missing.png segcls/missing.png\nJPEGImages/0008.png segcls/0008.png\n")
+    command = [sys.executable, "-m", "spml_fast", "eval", "--checkpoint", str(run), "--data", tiny_root,
+               "--list", str(bad_list), "--json"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "missing.png" in done.stderr
+    done = subprocess.run(command + ["--skip-bad"], capture_output=True, text=True)
+    assert done.returncode == 0 and "skipping" in done.stderr and "missing.png" in done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["pixels"] == 40 * 40
 
 
 def test_cli_errors_name_the_problem(tiny_root, tmp_path):
