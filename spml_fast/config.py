@@ -34,6 +34,7 @@ class TrainConfig:
     overseg: OversegConfig = field(default_factory=OversegConfig)
     kmeans_grid: int = 6
     kmeans_iterations: int = 10
+    bank_grid: int = 0                      # k-means grid of the prototype bank; 0 = kmeans_grid
     data_root: str = ""
     train_list: str = ""
     val_list: str = "val.txt"
@@ -65,7 +66,7 @@ def _synthetic(preset, train_list, weights, kappa_o, objective="spml"):
                    optim=OptimConfig(lr=0.05, iterations=600, batch=8, warmup=20, weight_decay=1e-4),
                    augment=AugmentConfig(crop=96, scale_range=(0.75, 1.25)),
                    overseg=OversegConfig(scale=60.0, sigma=0.8, min_size=20),
-                   kmeans_grid=4, classes="classes.txt", checkpoint_every=100, eval_k=10)
+                   kmeans_grid=4, bank_grid=12, classes="classes.txt", checkpoint_every=100, eval_k=10)
 
 
 PRESETS = {

@@ -50,8 +50,8 @@ def build_bank(model: SpmlModel, dataset: SegmentationDataset, config: TrainConf
         embedding = model(sample["image"][None].to(device))                          # [1, D, h, w]
         _, dim, height, width = embedding.shape
         label = pool_labels(sample["label"][None].to(device), (height, width), num_classes).reshape(-1)
-        init, groups = grid_assignment(1, height, width, min(config.kmeans_grid, height),
-                                       min(config.kmeans_grid, width), device)
+        grid = config.bank_grid or config.kmeans_grid      # finer clusters: purer bank prototypes
+        init, groups = grid_assignment(1, height, width, min(grid, height), min(grid, width), device)
         clusters, _ = spherical_kmeans(location_features(embedding), init, config.kmeans_iterations, groups)
         labelled = label != IGNORE
         if not labelled.any():

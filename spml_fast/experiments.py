@@ -18,7 +18,7 @@ from .config import PRESETS, apply_overrides
 from .evaluate import run_eval
 from .io import save_json, save_text
 from .synth import SynthConfig, write_dataset
-from .train import CHECKPOINT, load_checkpoint, train
+from .train import train
 
 SUPERVISIONS = [("scribbles", "synthetic-scribble"), ("points", "synthetic-point"), ("boxes", "synthetic-box"),
                 ("tags", "synthetic-tag")]
@@ -33,9 +33,7 @@ def _run(name: str, preset: str, overrides: dict, data: str, out: str, iteration
         overrides = dict(overrides, **{"optim.iterations": iterations})
     config = apply_overrides(config, overrides)
     run_dir = os.path.join(out, name)
-    checkpoint = os.path.join(run_dir, CHECKPOINT)
-    if not (os.path.exists(checkpoint) and load_checkpoint(checkpoint)["iteration"] >= config.optim.iterations):
-        train(config, run_dir, resume=True)
+    train(config, run_dir, resume=True)      # a finished run only refreshes its config.json
     try:
         result, _ = run_eval(run_dir, progress=False)
         return dict(mIoU=result["mIoU"], per_class=result["per_class"])

@@ -147,8 +147,10 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
                                                          config.device == "cuda" else None)
                if dist.world_size > 1 else model)
     log_path = os.path.join(out_dir, "metrics.jsonl")
+    board = None
     if dist.main:
         _truncate_log(log_path, iteration)
+        board = _tensorboard(out_dir, iteration)
 
     def batches():
         nonlocal epoch, position
@@ -195,13 +197,27 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
             with open(log_path, "a") as log:
                 log.write(json.dumps(dict(iteration=iteration, lr=learning_rate(config, iteration - 1),
                                           seconds=round(time.time() - started, 2), **last_terms)) + "\n")
+            if board is not None:
+                for name, value in last_terms.items():
+                    board.add_scalar(f"loss/{name}", value, iteration)
         if stop_after is not None and iteration >= stop_after:
             bar.close()
             return dict(iteration=iteration, checkpoint=None, losses=last_terms)
         if dist.main and (iteration % config.checkpoint_every == 0 or iteration == config.optim.iterations):
             save_checkpoint(checkpoint_path, state_dict())
     bar.close()
+    if board is not None:
+        board.close()
     return dict(iteration=iteration, checkpoint=checkpoint_path, losses=last_terms)
+
+
+def _tensorboard(out_dir: str, iteration: int):
+    """A TensorBoard writer when the tensorboard package is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=iteration or None)
 
 
 def _truncate_log(path: str, iteration: int) -> None:
