@@ -1,29 +1,12 @@
 """Benchmark output: JSON ``{"env": {...}, "results": [...], "parity": [...]}``,
-a markdown table with ratios against the dense baseline, and PNG plots."""
+and a markdown table with ratios against the dense baseline."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from typing import Iterable
 
 BASELINE = "dense"
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temp file in the same folder and rename: a killed run never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
 
 
 def to_json(env: dict, records: Iterable, checks: list[dict]) -> str:

@@ -24,6 +24,7 @@ def run_bench(args) -> int:
 
     from spml_fast.benchmarks import report
     from spml_fast.benchmarks.harness import SUITE_MODULES, environment, run_suite
+    from spml_fast.io import save_text
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -43,9 +44,9 @@ def run_bench(args) -> int:
     table = report.to_markdown(env, records, checks)
     print(table)
     if args.json:
-        report.write_atomic(args.json, report.to_json(env, records, checks))
+        save_text(args.json, report.to_json(env, records, checks))
     if args.markdown:
-        report.write_atomic(args.markdown, table)
+        save_text(args.markdown, table)
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 from .data import AugmentConfig, OversegConfig
 from .models import ModelConfig

@@ -5,7 +5,6 @@ evaluates both on the validation split, and saves a figure
 (image / scribbles / prediction / ground truth)."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Optional
@@ -15,7 +14,7 @@ import torch
 
 from .config import PRESETS, apply_overrides
 from .data import SegmentationDataset, read_list
-from .evaluate import class_scores, format_table, run_eval, load_run
+from .evaluate import class_scores, format_table, load_for_eval, run_eval
 from .io import save_json
 from .synth import SynthConfig, palette, write_dataset
 from .train import train
@@ -24,18 +23,19 @@ from .train import train
 def demo(out: str, iterations: Optional[int] = None) -> dict:
     data = os.path.join(out, "data")
     write_dataset(data, SynthConfig())
-    results = {}
+    results, loaded = {}, {}
     for preset in ("synthetic-scribble", "synthetic-scribble-pce"):
         config = replace(PRESETS[preset], data_root=data)
         if iterations:
             config = apply_overrides(config, {"optim.iterations": iterations})
         run_dir = os.path.join(out, preset)
         train(config, run_dir, resume=True)
-        result, class_names = run_eval(run_dir)
+        loaded[preset] = load_for_eval(run_dir)
+        result, class_names = run_eval(run_dir, loaded=loaded[preset])
         results[preset] = result
         print(f"\n{preset}: val mIoU {result['mIoU']:.3f}\n{format_table(result, class_names)}\n")
     figure = os.path.join(out, "demo.png")
-    save_figure(os.path.join(out, "synthetic-scribble"), data, figure)
+    save_figure(loaded["synthetic-scribble"], data, figure)
     spml, pce = results["synthetic-scribble"]["mIoU"], results["synthetic-scribble-pce"]["mIoU"]
     print(f"val mIoU: SPML from scribbles {spml:.3f}, partial cross-entropy on the same scribbles {pce:.3f} "
           f"({100 * (spml - pce):+.1f} points). Figure: {figure}")
@@ -44,17 +44,14 @@ def demo(out: str, iterations: Optional[int] = None) -> dict:
 
 
 @torch.no_grad()
-def save_figure(run_dir: str, data: str, path: str, count: int = 4) -> None:
+def save_figure(loaded, data: str, path: str, count: int = 4) -> None:
+    """loaded: ``load_for_eval`` of an SPML run (model, config, class names, bank)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    from .evaluate import build_bank
-    model, config, class_names = load_run(run_dir)
+    model, config, class_names, bank = loaded
     num_classes = len(class_names)
-    train_set = SegmentationDataset(read_list(data, config.train_list), num_classes, data, train=False,
-                                    overseg=config.overseg)
-    bank = build_bank(model, train_set, config, num_classes, progress=False)
     val_entries = read_list(data, config.val_list)[:count]
     val_set = SegmentationDataset(val_entries, num_classes, data, train=False, overseg=config.overseg)
     colours = np.array(palette()[:3 * 256]).reshape(256, 3).astype(np.uint8)

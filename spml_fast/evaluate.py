@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from .config import TrainConfig, from_dict
 from .data import IGNORE, SegmentationDataset, read_list
-from .ops import grid_assignment, nearest_prototype, segment_prototypes, spherical_kmeans
-from .segments import location_features, pool_labels
+from .ops import nearest_prototype, segment_prototypes
+from .segments import cluster_embeddings, pool_labels
 from .train import CHECKPOINT, SpmlModel, load_checkpoint
 
 
@@ -51,8 +51,7 @@ def build_bank(model: SpmlModel, dataset: SegmentationDataset, config: TrainConf
         _, dim, height, width = embedding.shape
         label = pool_labels(sample["label"][None].to(device), (height, width), num_classes).reshape(-1)
         grid = config.bank_grid or config.kmeans_grid      # finer clusters: purer bank prototypes
-        init, groups = grid_assignment(1, height, width, min(grid, height), min(grid, width), device)
-        clusters, _ = spherical_kmeans(location_features(embedding), init, config.kmeans_iterations, groups)
+        clusters, _ = cluster_embeddings(embedding, grid, config.kmeans_iterations)
         labelled = label != IGNORE
         if not labelled.any():
             continue
@@ -137,11 +136,11 @@ def format_table(result: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
-             bank_path: Optional[str] = None, device: str = "cpu", window: Optional[int] = None,
-             progress: bool = True, skip_bad: bool = False) -> tuple[dict, list[str]]:
+def load_for_eval(checkpoint: str, bank_path: Optional[str] = None, device: str = "cpu", progress: bool = True,
+                  skip_bad: bool = False):
+    """(model, config, class names, bank): the bank from ``bank_path`` or built from the run's
+    bank/training list; None for a pce model."""
     model, config, class_names = load_run(checkpoint, device)
-    root = data_root or config.data_root
     num_classes = len(class_names)
     bank = None
     if model.classifier is None:
@@ -153,6 +152,16 @@ def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Option
             train_set = SegmentationDataset(read_list(config.data_root, config.bank_list or config.train_list), num_classes,
                                             config.data_root, train=False, overseg=config.overseg, skip_bad=skip_bad)
             bank = build_bank(model, train_set, config, num_classes, device, progress)
+    return model, config, class_names, bank
+
+
+def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
+             bank_path: Optional[str] = None, device: str = "cpu", window: Optional[int] = None,
+             progress: bool = True, skip_bad: bool = False, loaded=None) -> tuple[dict, list[str]]:
+    """mIoU of a run on a list; ``loaded`` reuses a ``load_for_eval`` result."""
+    model, config, class_names, bank = loaded or load_for_eval(checkpoint, bank_path, device, progress, skip_bad)
+    root = data_root or config.data_root
+    num_classes = len(class_names)
     val_set = SegmentationDataset(read_list(root, list_file or config.val_list), num_classes, root, train=False,
                                   overseg=config.overseg, skip_bad=skip_bad)
     return evaluate(model, val_set, bank, num_classes, config.eval_k, window, device, progress), class_names

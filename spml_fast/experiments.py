@@ -9,7 +9,6 @@ reused, so a killed run continues where it stopped.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Optional

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -48,6 +47,13 @@ class BankSegments:
     image: torch.Tensor        # [M] ids unique across batches and ranks
 
     @staticmethod
+    def of(segments: Segments, image_ids: torch.Tensor, detach: bool = True) -> "BankSegments":
+        """The segments of a batch; image_ids [B] makes their image ids unique across batches and ranks."""
+        prototypes = segments.prototypes.detach() if detach else segments.prototypes
+        return BankSegments(prototypes, segments.segment_label, segments.segment_tags,
+                            image_ids[segments.segment_image])
+
+    @staticmethod
     def cat(parts: list["BankSegments"]) -> "BankSegments":
         return BankSegments(*(torch.cat([getattr(p, name) for p in parts]) for name in
                               ("prototypes", "label", "tags", "image")))
@@ -57,12 +63,12 @@ class MemoryBank:
     """The segments of the last ``size`` iterations (SPEC §6), state-dict serialisable."""
 
     def __init__(self, size: int):
-        self.entries: deque = deque(maxlen=max(size, 0)) if size > 0 else deque(maxlen=0)
+        self.entries: deque = deque(maxlen=max(size, 0))
 
     def push(self, segments: BankSegments) -> None:
+        """segments: without gradient (``BankSegments.of``); the oldest batch drops out."""
         if self.entries.maxlen:
-            self.entries.append(BankSegments(segments.prototypes.detach(), segments.label, segments.tags,
-                                             segments.image))
+            self.entries.append(segments)
 
     def segments(self) -> list[BankSegments]:
         return list(self.entries)
@@ -79,8 +85,7 @@ class MemoryBank:
 def gather_segments(segments: Segments, image_ids: torch.Tensor) -> tuple[torch.Tensor, BankSegments, int]:
     """All ranks' segments: (prototypes [M_all, D] with gradient on this rank's rows,
     attributes as BankSegments, offset of this rank's rows). Without torch.distributed: this rank's."""
-    local = BankSegments(segments.prototypes, segments.segment_label, segments.segment_tags,
-                         image_ids[segments.segment_image])
+    local = BankSegments.of(segments, image_ids, detach=False)
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
             torch.distributed.get_world_size() == 1:
         return segments.prototypes, local, 0
@@ -157,9 +162,7 @@ def relation_losses(segments: Segments, bank: MemoryBank, config: RelationConfig
         sets = affinity_sets(everyone.prototypes, everyone.label, everyone.image, num_classes,
                              config.affinity_threshold, config.affinity_topk)
         losses["A"] = pixel_segment_loss(embeddings, prototypes, own, sets[own], sets, config.kappa_affinity)
-    local = BankSegments(segments.prototypes.detach(), segments.segment_label, segments.segment_tags,
-                         image_ids[segments.segment_image])
-    return losses, local
+    return losses, BankSegments.of(segments, image_ids)
 
 
 def weighted_total(losses: dict, config: RelationConfig) -> torch.Tensor:

@@ -9,14 +9,14 @@ embeddings, with gradient; the assignment is not differentiated.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .ops import grid_assignment, segment_prototypes, spherical_kmeans
+from .data import IGNORE
 from .ops.membership import row_ids
-
-IGNORE = 255
 
 
 @dataclass
@@ -63,20 +63,31 @@ def location_features(embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.permute(0, 2, 3, 1).reshape(batch * height * width, -1), dim=1)
 
 
+def cluster_embeddings(embeddings: torch.Tensor, grid: int, iterations: int,
+                       pixels: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SegSort clusters of embeddings [B, D, h, w]: spherical k-means on [embedding, y, x] from a
+    grid x grid start per image, over the flat pixel indices ``pixels`` (default: all B*h*w).
+    Returns (cluster [P] int64, ids unique across the batch; image [P] int64)."""
+    batch, _, height, width = embeddings.shape
+    init, image = grid_assignment(batch, height, width, min(grid, height), min(grid, width), embeddings.device)
+    features = location_features(embeddings)
+    if pixels is not None:
+        features, init, image = features[pixels], init[pixels], image[pixels]
+    clusters, _ = spherical_kmeans(features, init, iterations, image)
+    return clusters, image
+
+
 def make_segments(embeddings: torch.Tensor, label: torch.Tensor, overseg: torch.Tensor, valid: torch.Tensor,
                   tags: torch.Tensor, num_classes: int, grid: int = 6, iterations: int = 10) -> Segments:
     """embeddings [B, D, h, w] unit; label [B, H, W] (255 unlabelled); overseg [B, H, W] (-1 padding);
     valid [B, H, W] bool; tags [B, W] int64 bit sets."""
-    batch, dim, height, width = embeddings.shape
+    dim, height, width = embeddings.shape[1:]
     size = (height, width)
     small_label = pool_labels(label, size, num_classes).reshape(-1)
     small_region = sample_nearest(overseg, size).reshape(-1)
     small_valid = (sample_nearest(valid.long(), size).reshape(-1) > 0) & (small_region >= 0)
     pixels = small_valid.nonzero()[:, 0]
-    init, image = grid_assignment(batch, height, width, min(grid, height), min(grid, width), embeddings.device)
-    features = location_features(embeddings)[pixels]
-    init, image = init[pixels], image[pixels]
-    clusters, _ = spherical_kmeans(features, init, iterations, image)
+    clusters, image = cluster_embeddings(embeddings, grid, iterations, pixels)
     region = small_region[pixels]
     region = row_ids(torch.stack([image, region], 1))                    # unique across the batch
     pixel_label = small_label[pixels]

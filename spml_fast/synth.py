@@ -27,10 +27,10 @@ import numpy as np
 from scipy import ndimage
 from skimage import draw
 
+from .data import IGNORE
 from .io import save_json, save_png, save_text
 
 CLASSES = ["background", "stripes", "dots", "checks", "waves", "speckle"]
-IGNORE = 255
 
 
 @dataclass(frozen=True)

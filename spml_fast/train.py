@@ -73,12 +73,12 @@ def init_distributed(device: str) -> Distributed:
     return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), local)
 
 
-def resolve(config: TrainConfig) -> tuple[str, list[str]]:
-    """(absolute train list path, class names)."""
+def class_names(config: TrainConfig) -> list[str]:
+    """``classes`` is a count or a file relative to the data root."""
     classes = config.classes
     if not classes.isdigit():
         classes = classes if os.path.isabs(classes) else os.path.join(config.data_root, classes)
-    return config.train_list, read_classes(classes)
+    return read_classes(classes)
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -114,10 +114,10 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
     from tqdm import tqdm
     dist = init_distributed(config.device)
     device = torch.device(config.device, dist.local_rank) if config.device == "cuda" else torch.device("cpu")
-    train_list, class_names = resolve(config)
-    num_classes = len(class_names)
+    names = class_names(config)
+    num_classes = len(names)
     torch.manual_seed(config.seed)
-    dataset = SegmentationDataset(read_list(config.data_root, train_list), num_classes, config.data_root,
+    dataset = SegmentationDataset(read_list(config.data_root, config.train_list), num_classes, config.data_root,
                                   train=True, augment=config.augment, overseg=config.overseg, seed=config.seed,
                                   skip_bad=config.skip_bad)
     per_rank_batch = max(1, config.optim.batch // dist.world_size)
@@ -142,7 +142,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
         torch.set_rng_state(state["rng"])
     if dist.main:
         os.makedirs(out_dir, exist_ok=True)
-        save_json(os.path.join(out_dir, "config.json"), dict(to_dict(config), class_names=class_names))
+        save_json(os.path.join(out_dir, "config.json"), dict(to_dict(config), class_names=names))
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if
                                                          config.device == "cuda" else None)
                if dist.world_size > 1 else model)

@@ -16,10 +16,13 @@ CUDA = torch.cuda.is_available()
 TRITON_ON_CPU = interpreting()
 
 
+NEEDS_TRITON = pytest.mark.skipif(not (CUDA or TRITON_ON_CPU),
+                                  reason="triton backend needs a GPU or TRITON_INTERPRET=1 (make test sets it)")
+
+
 def backend_params():
     """torch always; triton when it can run (CUDA, or the interpreter on CPU)."""
-    reason = "triton backend needs a GPU or TRITON_INTERPRET=1 (make test sets it)"
-    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not (CUDA or TRITON_ON_CPU), reason=reason))]
+    return ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 
 
 def device_for(backend: str) -> str:

@@ -4,8 +4,6 @@ import subprocess
 import sys
 import tomllib
 
-import spml_fast
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

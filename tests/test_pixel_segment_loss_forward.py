@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MODES, backend_params, device_for, make_problem
+from conftest import MODES, NEEDS_TRITON, backend_params, device_for, make_problem
 from spml_fast import pixel_segment_loss
 from spml_fast.ops.reference import pixel_segment_loss_dense
 
@@ -128,11 +128,8 @@ def test_large_kappa_unnormalised_is_finite(backend):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@NEEDS_TRITON
 def test_triton_and_torch_paths_agree():
-    pytest.importorskip("triton")
-    from conftest import CUDA, TRITON_ON_CPU
-    if not (CUDA or TRITON_ON_CPU):
-        pytest.skip("triton backend needs a GPU or TRITON_INTERPRET=1")
     problem = make_problem(130, 70, mode="set+groups", device=device_for("triton"))
     a = pixel_segment_loss(*problem.args(), backend="triton", reduction="none", **problem.groups)
     b = pixel_segment_loss(*problem.args(), backend="torch", reduction="none", **problem.groups)

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from spml_fast.relations import (BankSegments, MemoryBank, RelationConfig, affinity_sets, relation_losses,
+from spml_fast.relations import (MemoryBank, RelationConfig, affinity_sets, relation_losses,
                                  weighted_total)
 from spml_fast.segments import make_segments, pool_labels
 

@@ -26,11 +26,8 @@ def interpreting() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+    return importlib.util.find_spec("triton") is not None
 
 
 def select_backend(backend: str, reference: torch.Tensor) -> str:
