@@ -178,12 +178,151 @@ def run_experiments_command(args) -> int:
     return 0
 
 
+def _add_predictor_flags(parser) -> None:
+    parser.add_argument("--method", choices=["pixel-knn", "segment-knn", "classifier"], default="pixel-knn")
+    parser.add_argument("--k", type=int, default=20, help="neighbours voting (k-NN methods); 1 = argmax")
+    parser.add_argument("--window", type=int, help="sliding-window side for large images")
+    parser.add_argument("--scales", default="1", help="multi-scale factors, comma-separated, e.g. 0.75,1,1.25")
+
+
+def _predictor(args):
+    from spml_fast.inference import PredictorConfig
+    scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    return PredictorConfig(method=args.method, k=args.k, window=args.window, scales=scales)
+
+
+def _add_bank(subparsers) -> None:
+    bank = subparsers.add_parser("bank", help="prototype bank of a run (safetensors + JSON metadata)")
+    bank.add_argument("--checkpoint", required=True, metavar="RUN")
+    bank.add_argument("--data", metavar="ROOT")
+    bank.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
+    bank.add_argument("--out", required=True, metavar="BANK", help="output .safetensors")
+    bank.add_argument("--max-size", type=int, help="cap: class-balanced random subsample to this many prototypes")
+    bank.add_argument("--add", metavar="NAME", help="add class NAME to --bank from the list's masks "
+                                                   "(1 = NAME, 0 = other), without retraining")
+    bank.add_argument("--bank", metavar="BANK", help="existing bank to extend (with --add)")
+    bank.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bank.set_defaults(run=run_bank)
+
+
+def run_bank(args) -> int:
+    from spml_fast.bank import add_class, build_run_bank, labelled_segment_prototypes, load_bank, save_bank
+    from spml_fast.bank import subsample_balanced
+    if args.add:
+        if not (args.bank and args.list):
+            raise ValueError("--add NAME needs --bank BANK (the bank to extend) and --list FILE (its masks)")
+        from spml_fast.data import SegmentationDataset, read_list
+        from spml_fast.evaluate import load_run
+        model, config, _ = load_run(args.checkpoint, args.device)
+        root = args.data or config.data_root
+        masks = SegmentationDataset(read_list(root, args.list), 2, root, train=False, overseg=config.overseg)
+        prototypes, labels = labelled_segment_prototypes(model, masks, config.bank_grid or config.kmeans_grid,
+                                                         config.kmeans_iterations, 2, args.device, desc="add")
+        bank = add_class(load_bank(args.bank, args.device), args.add, prototypes, labels)
+        if args.max_size:
+            bank = subsample_balanced(bank, args.max_size)
+    else:
+        bank = build_run_bank(args.checkpoint, args.data, args.list, args.device, args.max_size)
+    save_bank(bank, args.out)
+    counts = ", ".join(f"{n} {c}" for n, c in zip(bank.class_names, bank.counts()))
+    print(f"wrote {args.out}: {bank.labels.numel()} prototypes, D = {bank.dim} ({counts})")
+    return 0
+
+
+def _add_train_classifier(subparsers) -> None:
+    head = subparsers.add_parser("train-classifier", help="softmax classifier head on a run's frozen embeddings")
+    head.add_argument("--checkpoint", required=True, metavar="RUN")
+    head.add_argument("--data", metavar="ROOT")
+    head.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
+    head.add_argument("--out", required=True, metavar="HEAD", help="output .safetensors")
+    head.add_argument("--epochs", type=int, default=200)
+    head.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    head.set_defaults(run=run_train_classifier)
+
+
+def run_train_classifier(args) -> int:
+    from spml_fast.classifier import ClassifierConfig, train_classifier_for_run
+    result = train_classifier_for_run(args.checkpoint, args.out, args.data, args.list,
+                                      ClassifierConfig(epochs=args.epochs), args.device)
+    print(f"wrote {args.out}: fit on {result['pixels']} labelled pixels, training accuracy "
+          f"{result['train_accuracy']:.3f}")
+    return 0
+
+
+def _add_export(subparsers) -> None:
+    export = subparsers.add_parser("export", help="ONNX model, TensorRT engine or Triton repository, parity-checked")
+    export.add_argument("--checkpoint", required=True, metavar="RUN")
+    export.add_argument("--bank", metavar="BANK", help="prototype bank (k-NN segmenter)")
+    export.add_argument("--classifier", metavar="HEAD", help="classifier head instead of a bank")
+    export.add_argument("--format", choices=["onnx", "tensorrt", "triton-repo"], default="onnx")
+    export.add_argument("--out", required=True, metavar="PATH", help="model.onnx, model.plan, or a repository DIR")
+    export.add_argument("--k", type=int, default=20, help="neighbours voting; 1 = argmax")
+    export.add_argument("--uint8-input", action="store_true", help="uint8 [B, H, W, 3] input, preprocessing inside")
+    export.add_argument("--bank-as-input", action="store_true", help="the bank is a graph input, not a constant")
+    export.add_argument("--extra-classes", type=int, default=8,
+                        help="with --bank-as-input: score channels kept for classes added to the bank later")
+    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--name", default="spml_segmenter", help="Triton model name")
+    export.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size")
+    export.add_argument("--repo-model", choices=["onnx", "plan"], default="onnx",
+                        help="Triton repository holds the ONNX model or a TensorRT engine")
+    export.set_defaults(run=run_export)
+
+
+def run_export(args) -> int:
+    from spml_fast.export.onnx_export import ExportConfig
+    from spml_fast.export.parity import ParityError, format_report
+    from spml_fast.export.pipeline import export_run, load_deployable
+    from spml_fast.export.triton_repo import ServingConfig
+    deployable = load_deployable(args.checkpoint, args.bank, args.classifier)
+    config = ExportConfig(k=args.k, uint8_input=args.uint8_input, bank_as_input=args.bank_as_input,
+                          extra_classes=args.extra_classes, opset=args.opset)
+    try:
+        result = export_run(deployable, args.format, args.out, config,
+                            ServingConfig(name=args.name, max_batch_size=args.max_batch), args.repo_model)
+    except ParityError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for key in ("onnx", "tensorrt"):
+        if key in result:
+            print(format_report(result[key]))
+    print(f"exported {args.format} to {result.get('repository', args.out)}")
+    return 0
+
+
+def _add_predict(subparsers) -> None:
+    predict = subparsers.add_parser("predict", help="label-map PNGs and overlays of images")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    predict.add_argument("--checkpoint", metavar="RUN")
+    predict.add_argument("--bank", metavar="BANK")
+    predict.add_argument("--classifier", metavar="HEAD")
+    predict.add_argument("--model", metavar="FILE", help="exported .onnx or TensorRT .plan instead of a run")
+    predict.add_argument("--providers", choices=["auto", "tensorrt", "cuda", "cpu"], default="auto")
+    predict.add_argument("--out", required=True, metavar="DIR")
+    predict.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    _add_predictor_flags(predict)
+    predict.set_defaults(run=run_predict)
+
+
+def run_predict(args) -> int:
+    from spml_fast.predict import make_labeller, predict_files
+    labeller = make_labeller(args.checkpoint, args.bank, args.classifier, args.model, _predictor(args),
+                             args.providers, args.device)
+    written, failures = predict_files(args.images, args.out, labeller)
+    print(f"wrote {written} label maps to {args.out}" + (f"; {len(failures)} skipped" if failures else ""))
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_synth(subparsers)
     _add_train(subparsers)
     _add_eval(subparsers)
+    _add_bank(subparsers)
+    _add_train_classifier(subparsers)
+    _add_export(subparsers)
+    _add_predict(subparsers)
     _add_bench(subparsers)
     _add_demo(subparsers)
     _add_experiments(subparsers)

@@ -14,7 +14,7 @@ import torch
 
 from .config import PRESETS, apply_overrides
 from .data import SegmentationDataset, read_list
-from .evaluate import class_scores, format_table, load_for_eval, run_eval
+from .evaluate import class_scores, format_table, load_for_eval, run_eval, run_predictor
 from .io import save_json
 from .synth import SynthConfig, palette, write_dataset
 from .train import train
@@ -50,7 +50,8 @@ def save_figure(loaded, data: str, path: str, count: int = 4) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    model, config, class_names, bank = loaded
+    model, config, class_names, head = loaded
+    predictor = run_predictor(config, model)
     num_classes = len(class_names)
     val_entries = read_list(data, config.val_list)[:count]
     val_set = SegmentationDataset(val_entries, num_classes, data, train=False, overseg=config.overseg)
@@ -58,7 +59,7 @@ def save_figure(loaded, data: str, path: str, count: int = 4) -> None:
     fig, axes = plt.subplots(count, 4, figsize=(8, 2 * count))
     for row, entry in enumerate(val_entries):
         sample = val_set[row]
-        prediction = class_scores(model, sample["image"], bank, num_classes, config.eval_k).argmax(0).numpy()
+        prediction = class_scores(model, sample["image"], head, predictor).argmax(0).numpy()
         scribble_path = entry.image.replace("JPEGImages", "scribble")
         panels = [np.asarray(Image.open(entry.image).convert("RGB")),
                   colours[np.asarray(Image.open(scribble_path))] if os.path.exists(scribble_path) else None,

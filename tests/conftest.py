@@ -87,3 +87,30 @@ def _seed():
 
 def pytest_report_header(config):
     return f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')} cuda={CUDA}"
+
+
+@pytest.fixture(scope="session")
+def deploy_run(tmp_path_factory):
+    """A tiny SPML run on the built-in data with its bank: (root, run dir, bank path).
+
+    Trained on the tiled PyTorch path (the interpreter would take many minutes; the
+    kernels have tests of their own) for enough iterations that the embedding
+    separates the textures: a barely trained
+    network maps many pixels to near-identical embeddings, whose k-NN votes
+    then hinge on float rounding."""
+    from spml_fast.bank import build_run_bank, save_bank
+    from spml_fast.ops.dispatch import use_backend
+    from spml_fast.config import PRESETS, apply_overrides
+    from spml_fast.synth import SynthConfig, write_dataset
+    from spml_fast.train import train
+    root = tmp_path_factory.mktemp("deploy")
+    data, run, bank = str(root / "data"), str(root / "run"), str(root / "bank.safetensors")
+    write_dataset(data, SynthConfig(train_images=12, val_images=3, size=48), progress=False)
+    config = apply_overrides(PRESETS["synthetic-scribble"], {
+        "data_root": data, "optim.iterations": 60, "optim.batch": 4, "optim.warmup": 5, "augment.crop": 48,
+        "workers": 0, "checkpoint_every": 60, "model.width": 8, "model.embedding_dim": 16, "kmeans_grid": 3,
+        "bank_grid": 4})
+    with use_backend("torch"):
+        train(config, run, progress=False)
+        save_bank(build_run_bank(run, progress=False), bank)
+    return data, run, bank

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from spml_fast.config import PRESETS, apply_overrides
 from spml_fast.data import SegmentationDataset, read_list
-from spml_fast.evaluate import build_bank, class_scores, confusion_matrix, miou
+from spml_fast.bank import PrototypeBank, labelled_segment_prototypes
+from spml_fast.evaluate import class_scores, confusion_matrix, miou
+from spml_fast.inference import PredictorConfig
 from spml_fast.synth import CLASSES, SynthConfig, write_dataset
 from spml_fast.train import SpmlModel
 
@@ -37,7 +39,7 @@ def tiny(tmp_path_factory):
 def test_bank_labels_are_majorities_of_labelled_pixels(tiny):
     root, config, model = tiny
     dataset = SegmentationDataset(read_list(root, "train_full.txt"), len(CLASSES), root, train=False)
-    prototypes, labels = build_bank(model, dataset, config, len(CLASSES), progress=False)
+    prototypes, labels = labelled_segment_prototypes(model, dataset, 2, 5, len(CLASSES), progress=False)
     assert prototypes.shape[0] == labels.shape[0] > 3
     torch.testing.assert_close(prototypes.norm(dim=1), torch.ones(prototypes.shape[0]))
     present = set()
@@ -46,24 +48,24 @@ def test_bank_labels_are_majorities_of_labelled_pixels(tiny):
     assert set(labels.tolist()) <= present
     empty = SegmentationDataset(read_list(root, "train_tag.txt"), len(CLASSES), root, train=False)
     with pytest.raises(ValueError, match="no labelled pixels"):
-        build_bank(model, empty, config, len(CLASSES), progress=False)
+        labelled_segment_prototypes(model, empty, 2, 5, len(CLASSES), progress=False)
 
 
 def test_scores_and_sliding_window(tiny):
     root, config, model = tiny
-    bank = (F.normalize(torch.randn(30, 8), dim=1), torch.randint(0, len(CLASSES), (30,)))
+    bank = PrototypeBank(F.normalize(torch.randn(30, 8), dim=1), torch.randint(0, len(CLASSES), (30,)), CLASSES)
     image = torch.randn(3, 40, 56)
-    direct = class_scores(model, image, bank, len(CLASSES), k=5)
+    direct = class_scores(model, image, bank, PredictorConfig(k=5))
     assert direct.shape == (len(CLASSES), 40, 56)
     torch.testing.assert_close(direct.sum(0), torch.ones(40, 56))        # vote shares sum to 1
-    whole = class_scores(model, image, bank, len(CLASSES), k=5, window=64)  # window larger than the image
+    whole = class_scores(model, image, bank, PredictorConfig(k=5, window=64))  # window larger than the image
     torch.testing.assert_close(whole, direct)
-    windowed = class_scores(model, image, bank, len(CLASSES), k=5, window=24)
+    windowed = class_scores(model, image, bank, PredictorConfig(k=5, window=24))
     assert windowed.shape == direct.shape and (windowed.sum(0) >= 1 - 1e-5).all()   # every pixel covered
 
 
 def test_pce_model_scores_are_softmax(tiny):
     root, config, _ = tiny
     pce = SpmlModel(apply_overrides(config, {"objective": "pce"}), len(CLASSES)).eval()
-    scores = class_scores(pce, torch.randn(3, 32, 32), None, len(CLASSES), k=5)
+    scores = class_scores(pce, torch.randn(3, 32, 32), pce.classifier, PredictorConfig(method="classifier"))
     torch.testing.assert_close(scores.sum(0), torch.ones(32, 32))

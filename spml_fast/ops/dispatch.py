@@ -8,6 +8,8 @@ single-tile limit.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -18,6 +20,23 @@ BACKENDS = ("auto", "triton", "torch")
 # power of two >= D); beyond this width the registers spill, so wider
 # embeddings take the tiled PyTorch path.
 MAX_TRITON_DIM = 512
+
+
+# What "auto" resolves to inside ``use_backend`` (None: the rule above).
+_AUTO_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("spml_fast_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(backend: str):
+    """Within the block, ops called with backend="auto" use ``backend`` ("triton" | "torch"),
+    e.g. the tiled PyTorch path for a quick CPU run while TRITON_INTERPRET=1 is set for tests."""
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    token = _AUTO_OVERRIDE.set(backend)
+    try:
+        yield
+    finally:
+        _AUTO_OVERRIDE.reset(token)
 
 
 def interpreting() -> bool:
@@ -42,8 +61,10 @@ def select_backend(backend: str, reference: torch.Tensor) -> str:
                              f"a dtype other than float64 and D <= {MAX_TRITON_DIM} "
                              f"(got device {reference.device}, dtype {reference.dtype}, D {reference.shape[-1]})")
         return "triton"
-    if backend == "torch":
+    if backend == "torch" or _AUTO_OVERRIDE.get() == "torch":
         return "torch"
+    if _AUTO_OVERRIDE.get() == "triton":
+        return select_backend("triton", reference)
     return "triton" if triton_ok else "torch"
 
 
