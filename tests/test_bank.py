@@ -66,3 +66,42 @@ def test_add_class_appends_without_touching_the_rest():
         add_class(bank, "cat", new, votes)
     with pytest.raises(ValueError, match="no segment"):
         add_class(bank, "horse", new, torch.zeros(6, dtype=torch.int64))
+
+
+def test_cli_bank_cap_add_class_and_train_classifier(deploy_run, tmp_path):
+    """`spml-fast bank --max-size`, `bank --add` from binary masks, `train-classifier`."""
+    import subprocess
+    import sys
+    import numpy as np
+    from PIL import Image
+    data, run, _ = deploy_run
+    cli = [sys.executable, "-m", "spml_fast"]
+    capped = str(tmp_path / "capped.safetensors")
+    done = subprocess.run(cli + ["bank", "--checkpoint", run, "--out", capped, "--max-size", "40"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert load_bank(capped).labels.numel() == 40
+    # masks of one class (stripes = 1) as the "new" class: 1 = new, 0 = other
+    os.makedirs(tmp_path / "masks")
+    lines = []
+    for line in open(os.path.join(data, "val.txt")).read().split("\n"):
+        if not line.strip():
+            continue
+        image, label = line.split()[:2]
+        mask = (np.asarray(Image.open(os.path.join(data, label))) == 1).astype(np.uint8)
+        name = os.path.basename(label)
+        Image.fromarray(mask).save(tmp_path / "masks" / name)
+        lines.append(f"{os.path.join(data, image)} {tmp_path / 'masks' / name}")
+    (tmp_path / "novel.txt").write_text("\n".join(lines) + "\n")
+    added = str(tmp_path / "added.safetensors")
+    done = subprocess.run(cli + ["bank", "--checkpoint", run, "--bank", capped, "--add", "novel", "--data", "/",
+                                 "--list", str(tmp_path / "novel.txt"), "--out", added], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    extended = load_bank(added)
+    assert extended.class_names[-1] == "novel" and extended.counts()[-1] > 0
+    assert torch.equal(extended.prototypes[:40], load_bank(capped).prototypes)
+    head = str(tmp_path / "head.safetensors")
+    done = subprocess.run(cli + ["train-classifier", "--checkpoint", run, "--out", head, "--epochs", "50"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "training accuracy" in done.stdout and os.path.exists(head)
