@@ -14,6 +14,10 @@ A suite module provides:
   cases(quick: bool, device: str) -> list[dict]       (JSON-serialisable case descriptions)
   IMPLEMENTATIONS: dict[str, callable(case, device) -> callable() ]   (the timed step)
   parity(case, device) -> dict                          (max differences, run once per case)
+and optionally:
+  BASELINE: str                (the implementation the ratios are taken against; default "dense")
+  skip_reason(case, impl, device) -> str | None
+  summarize(records, options) -> list[str]    (extra report lines, e.g. the largest crop under a cap)
 """
 from __future__ import annotations
 
@@ -34,7 +38,19 @@ import torch
 SUITE_MODULES = {
     "loss": "spml_fast.benchmarks.bench_loss",
     "primitives": "spml_fast.benchmarks.bench_primitives",
+    "train-step": "spml_fast.benchmarks.bench_train_step",
+    "inference": "spml_fast.benchmarks.bench_inference",
 }
+
+
+def summarize(suite_name: str, records: list, options: dict) -> list[str]:
+    """The suite's extra report lines (``summarize(records, options)``), if it has any."""
+    module = importlib.import_module(SUITE_MODULES[suite_name])
+    return module.summarize(records, options) if hasattr(module, "summarize") else []
+
+
+def baseline_of(suite_name: str) -> str:
+    return getattr(importlib.import_module(SUITE_MODULES[suite_name]), "BASELINE", "dense")
 
 
 @dataclass
@@ -45,6 +61,8 @@ class Record:
     time_s: Optional[float] = None        # median over repeats
     time_min_s: Optional[float] = None
     time_max_s: Optional[float] = None
+    time_p90_s: Optional[float] = None    # latency percentiles over the repeats
+    time_p99_s: Optional[float] = None
     peak_mem_mb: Optional[float] = None   # extra peak memory of the step, MiB
     repeats: int = 0
     status: str = "ok"                    # ok | skipped: ... | oom | error: ...
@@ -129,6 +147,15 @@ def _time_cpu(step, repeats: int, warmup: int) -> list[float]:
     return times
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of a small sample."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def measure_in_this_process(suite_module: str, case: dict, impl: str, device: str,
                             repeats: int, warmup: int) -> Record:
     """Build the case, measure one implementation here (the child side on CPU)."""
@@ -144,15 +171,17 @@ def measure_in_this_process(suite_module: str, case: dict, impl: str, device: st
             step()
             torch.cuda.synchronize()
             record.peak_mem_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-            median, low, high = triton.testing.do_bench(step, warmup=25 * warmup, rep=100 * repeats,
-                                                        quantiles=[0.5, 0.0, 1.0])
+            median, low, high, p90, p99 = triton.testing.do_bench(step, warmup=25 * warmup, rep=100 * repeats,
+                                                                  quantiles=[0.5, 0.0, 1.0, 0.9, 0.99])
             record.time_s, record.time_min_s, record.time_max_s = median / 1e3, low / 1e3, high / 1e3
+            record.time_p90_s, record.time_p99_s = p90 / 1e3, p99 / 1e3
             record.repeats = repeats
         else:
             baseline = reset_peak_rss()
             times = _time_cpu(step, repeats, warmup)
             record.peak_mem_mb = max(0.0, peak_rss_mb() - baseline)
             record.time_s, record.time_min_s, record.time_max_s = statistics.median(times), min(times), max(times)
+            record.time_p90_s, record.time_p99_s = _percentile(times, 0.9), _percentile(times, 0.99)
             record.repeats = repeats
     except torch.cuda.OutOfMemoryError:
         record.status = "oom"
@@ -188,7 +217,7 @@ def run_suite(name: str, quick: bool, device: str, repeats: Optional[int] = None
     """All cases x implementations of one suite, plus one parity check per case."""
     module_name = SUITE_MODULES[name]
     suite = importlib.import_module(module_name)
-    repeats = repeats or (2 if quick else 3)
+    repeats = repeats or getattr(suite, "REPEATS", {}).get(quick) or (2 if quick else 3)
     records, checks = [], []
     for case in suite.cases(quick, device):
         for impl in suite.IMPLEMENTATIONS:
@@ -196,7 +225,7 @@ def run_suite(name: str, quick: bool, device: str, repeats: Optional[int] = None
             if skip:
                 records.append(Record(suite.SUITE, case["name"], impl, status=f"skipped: {skip}", params=case))
             else:
-                records.append(measure(module_name, case, impl, device, repeats, warmup=1))
+                records.append(measure(module_name, case, impl, device, case.get("repeats", repeats), warmup=1))
             if progress:
                 progress(records[-1])
         checks.append(dict(suite=suite.SUITE, case=case["name"], **suite.parity(case, device)))

@@ -52,7 +52,8 @@ class SegmenterGraph(nn.Module):
             prototypes, labels = bank
             if k > prototypes.shape[0]:
                 raise ValueError(f"k = {k} exceeds the bank size {prototypes.shape[0]}")
-            self.register_buffer("prototypes", prototypes.float().contiguous())
+            # stored transposed [D, M]: a plain MatMul, no transpose of a constant at run time
+            self.register_buffer("prototypes_t", prototypes.float().t().contiguous())
             self.register_buffer("prototype_labels", labels.long().contiguous())
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,13 +61,13 @@ class SegmenterGraph(nn.Module):
             images = images.permute(0, 3, 1, 2).float() / 255.0
         return (images - self.mean) / self.std
 
-    def scores(self, embedding: torch.Tensor, prototypes: torch.Tensor, prototype_labels: torch.Tensor):
-        """embedding [B, D, h, w] unit float32 -> [B, K, h, w] vote shares (or softmax)."""
+    def scores(self, embedding: torch.Tensor, prototypes_t: torch.Tensor, prototype_labels: torch.Tensor):
+        """embedding [B, D, h, w] unit float32, prototypes_t [D, M] -> [B, K, h, w] vote shares (or softmax)."""
         if self.classifier is not None:
             return self.classifier(embedding).float().softmax(1)
         batch, dim, height, width = embedding.shape
         pixels = embedding.flatten(2).transpose(1, 2)                                  # [B, h*w, D]
-        similarity = torch.matmul(pixels, prototypes.float().t())                     # [B, h*w, M] float32
+        similarity = torch.matmul(pixels, prototypes_t)                               # [B, h*w, M] float32
         if self.k == 1:
             nearest = similarity.argmax(-1, keepdim=True)                             # [B, h*w, 1]
         else:
@@ -78,11 +79,13 @@ class SegmenterGraph(nn.Module):
     def forward(self, images: torch.Tensor, prototypes: Optional[torch.Tensor] = None,
                 prototype_labels: Optional[torch.Tensor] = None):
         if not self.bank_as_input and self.classifier is None:
-            prototypes, prototype_labels = self.prototypes, self.prototype_labels
+            prototypes_t, prototype_labels = self.prototypes_t, self.prototype_labels
+        else:
+            prototypes_t = None if prototypes is None else prototypes.float().t()
         size = images.shape[1:3] if self.uint8_input else images.shape[2:4]
         embedding = self.embedding_net(self.preprocess(images).to(self.backbone_dtype))
         embedding = F.normalize(embedding.float(), dim=1)                             # float32, unit
-        scores = self.scores(embedding, prototypes, prototype_labels)
+        scores = self.scores(embedding, prototypes_t, prototype_labels)
         scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
         labels = scores.argmax(1).to(torch.int32)                                    # ArgMax
         return labels, scores

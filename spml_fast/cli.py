@@ -15,6 +15,9 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--markdown", metavar="FILE", help="write the markdown table")
     bench.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     bench.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    bench.add_argument("--plots", metavar="DIR", help="write PNG plots (time and memory against size)")
+    bench.add_argument("--memory-cap", type=float, default=8192, metavar="MIB",
+                       help="train-step: report the largest crop whose peak stays under this (default 8192)")
     bench.set_defaults(run=run_bench)
 
 
@@ -23,7 +26,7 @@ def run_bench(args) -> int:
     from tqdm import tqdm
 
     from spml_fast.benchmarks import report
-    from spml_fast.benchmarks.harness import SUITE_MODULES, environment, run_suite
+    from spml_fast.benchmarks.harness import SUITE_MODULES, baseline_of, environment, run_suite, summarize
     from spml_fast.io import save_text
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,10 +44,17 @@ def run_bench(args) -> int:
             records += suite_records
             checks += suite_checks
     env = environment(device)
-    table = report.to_markdown(env, records, checks)
+    options = dict(memory_cap_mb=args.memory_cap)
+    summaries = {suite: summarize(suite, [r for r in records if r.suite == suite], options) for suite in suites}
+    table = report.to_markdown(env, records, checks, {suite: baseline_of(suite) for suite in suites}, summaries)
+    if args.plots:
+        from spml_fast.benchmarks.plots import write_plots
+        plots = write_plots(records, args.plots)
+        table += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.relpath(p, os.path.dirname(args.markdown)) if args.markdown else p})"
+                                  for p in plots) + "\n"
     print(table)
     if args.json:
-        save_text(args.json, report.to_json(env, records, checks))
+        save_text(args.json, report.to_json(env, records, checks, summaries))
     if args.markdown:
         save_text(args.markdown, table)
     return 0

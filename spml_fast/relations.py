@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from .ops import nearest_prototype, pixel_segment_loss
+from .ops.reference import pixel_segment_loss_dense
 from .segments import Segments
+
+
+LOSS_IMPLEMENTATIONS = {"tiled": pixel_segment_loss, "dense": pixel_segment_loss_dense}
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,12 @@ class RelationConfig:
     affinity_threshold: float = 0.95
     affinity_topk: int = 1
     memory_bank: int = 2               # batches of segments kept
+    loss_impl: str = "tiled"           # "tiled" | "dense": the paper's N x M formulation (benchmarks only)
+
+    def __post_init__(self):
+        if self.loss_impl not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"relations.loss_impl must be one of {sorted(LOSS_IMPLEMENTATIONS)}, "
+                             f"got {self.loss_impl!r}")
 
 
 @dataclass
@@ -141,6 +151,7 @@ def relation_losses(segments: Segments, bank: MemoryBank, config: RelationConfig
     """{"I", "C", "O", "A"} losses (float32 scalars) for the relations with a non-zero weight, and this
     batch's segments for the memory bank. image_ids [B]: ids unique across iterations and ranks."""
     losses = {}
+    pixel_segment_loss = LOSS_IMPLEMENTATIONS[config.loss_impl]
     embeddings, segment = segments.embeddings, segments.segment
     if config.weight_image:
         losses["I"] = pixel_segment_loss(embeddings, segments.prototypes, segment, segments.pixel_region,

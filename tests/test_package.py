@@ -24,5 +24,5 @@ def test_subpackages_import_from_their_folders():
 
 def test_cli_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "spml_fast", "--help"], capture_output=True, text=True, check=True)
-    for command in ("bench", "demo"):
+    for command in ("bench", "demo", "bank", "export", "predict", "train-classifier"):
         assert command in out.stdout
