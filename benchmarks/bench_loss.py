@@ -17,6 +17,7 @@ from spml_fast import pixel_segment_loss
 from spml_fast.ops.reference import pixel_segment_loss_dense
 
 SUITE = "loss"
+REPEATS = {False: 2}          # full CPU cases take ~15 s per dense call: 1 warm-up + 2 repeats
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -141,6 +142,23 @@ def parity(case: dict, device: str) -> dict:
     loss_t, (ge_t, gp_t) = _tiled(case, device)()
     loss_d, (ge_d, gp_d) = _dense(case, device)()
     return dict(status="ok", loss=float(loss_d.detach()),
-                loss_abs_diff=float((loss_t.float() - loss_d.float()).abs()),
+                loss_abs_diff=float((loss_t.detach().float() - loss_d.detach().float()).abs()),
                 grad_embeddings_max_abs_diff=float((ge_t.float() - ge_d.float()).abs().max()),
                 grad_prototypes_max_abs_diff=float((gp_t.float() - gp_d.float()).abs().max()))
+
+
+def summarize(records: list, options: dict) -> list[str]:
+    """On a GPU: achieved TFLOP/s and the fraction of the device's roofline (``roofline``)."""
+    from .roofline import FORMULA, loss_roofline
+    if options.get("device_kind") != "cuda":
+        return []
+    lines = [f"Roofline ({FORMULA}):", ""]
+    for record in records:
+        if record.status != "ok":
+            continue
+        result = loss_roofline(record.params, record.time_s, options.get("device", ""))
+        if result is None:
+            return [f"Roofline: {options.get('device')} is not in benchmarks/roofline.py's table"]
+        lines.append(f"- {record.case} {record.impl}: {result['tflops']:.1f} TFLOP/s, "
+                     f"{result['roofline_fraction']:.1%} of the roofline ({result['bound']} bound)")
+    return lines

@@ -200,3 +200,18 @@ def build_run_bank(checkpoint: str, data_root: Optional[str] = None, list_file: 
                     source_images=len(entries), preset=config.preset)
     bank = PrototypeBank(prototypes, labels, list(class_names), metadata)
     return subsample_balanced(bank, max_size) if max_size else bank
+
+
+def add_class_from_list(checkpoint: str, bank_path: str, name: str, data_root: Optional[str], list_file: str,
+                        device="cpu", max_size: Optional[int] = None, progress: bool = True) -> PrototypeBank:
+    """``spml-fast bank --add``: the run's segments of the list's images, with binary masks as labels
+    (1 = the new class), join the bank at ``bank_path`` as class ``name``."""
+    from .data import read_list
+    from .evaluate import load_run
+    model, config, _ = load_run(checkpoint, device)
+    root = data_root or config.data_root
+    masks = SegmentationDataset(read_list(root, list_file), 2, root, train=False, overseg=config.overseg)
+    prototypes, labels = labelled_segment_prototypes(model, masks, config.bank_grid or config.kmeans_grid,
+                                                     config.kmeans_iterations, 2, device, progress, desc="add")
+    bank = add_class(load_bank(bank_path, device), name, prototypes, labels)
+    return subsample_balanced(bank, max_size) if max_size else bank

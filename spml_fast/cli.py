@@ -44,7 +44,7 @@ def run_bench(args) -> int:
             records += suite_records
             checks += suite_checks
     env = environment(device)
-    options = dict(memory_cap_mb=args.memory_cap)
+    options = dict(memory_cap_mb=args.memory_cap, device=env["device"], device_kind=device)
     summaries = {suite: summarize(suite, [r for r in records if r.suite == suite], options) for suite in suites}
     table = report.to_markdown(env, records, checks, {suite: baseline_of(suite) for suite in suites}, summaries)
     if args.plots:
@@ -74,6 +74,28 @@ def run_synth(args) -> int:
     from spml_fast.synth import SynthConfig, write_dataset
     info = write_dataset(args.out, SynthConfig(args.train_images, args.val_images, args.size, args.seed))
     print(f"wrote {info['train']} training and {info['val']} validation scenes to {args.out}")
+    return 0
+
+
+def _add_cam(subparsers) -> None:
+    cam = subparsers.add_parser("cam", help="CAM pseudo-labels from image tags (the tag supervision's label maps)")
+    cam.add_argument("--data", required=True, metavar="ROOT")
+    cam.add_argument("--list", default="train_tag.txt", metavar="FILE", help="images with tags (tags.json)")
+    cam.add_argument("--classes", default="classes.txt", metavar="N|FILE")
+    cam.add_argument("--out-list", default="train_cam.txt", metavar="FILE", help="written under ROOT")
+    cam.add_argument("--iterations", type=int, default=400)
+    cam.add_argument("--threshold", type=float, default=0.2)
+    cam.set_defaults(run=run_cam)
+
+
+def run_cam(args) -> int:
+    from spml_fast.cam import CamConfig, write_cam_labels
+    from spml_fast.data import read_classes
+    classes = args.classes if args.classes.isdigit() or os.path.isabs(args.classes) else os.path.join(
+        args.data, args.classes)
+    info = write_cam_labels(args.data, args.list, args.out_list, len(read_classes(classes)),
+                            CamConfig(iterations=args.iterations, threshold=args.threshold))
+    print(f"wrote CAM pseudo-labels of {info['images']} images; list {info['list']}")
     return 0
 
 
@@ -201,36 +223,32 @@ def _predictor(args):
     return PredictorConfig(method=args.method, k=args.k, window=args.window, scales=scales)
 
 
+def _add_run_and_list(parser, out_metavar: str) -> None:
+    """--checkpoint RUN, --data ROOT, --list FILE, --out FILE.safetensors, --device: a run over a list."""
+    parser.add_argument("--checkpoint", required=True, metavar="RUN")
+    parser.add_argument("--data", metavar="ROOT")
+    parser.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
+    parser.add_argument("--out", required=True, metavar=out_metavar, help="output .safetensors")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+
+
 def _add_bank(subparsers) -> None:
     bank = subparsers.add_parser("bank", help="prototype bank of a run (safetensors + JSON metadata)")
-    bank.add_argument("--checkpoint", required=True, metavar="RUN")
-    bank.add_argument("--data", metavar="ROOT")
-    bank.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
-    bank.add_argument("--out", required=True, metavar="BANK", help="output .safetensors")
+    _add_run_and_list(bank, "BANK")
     bank.add_argument("--max-size", type=int, help="cap: class-balanced random subsample to this many prototypes")
     bank.add_argument("--add", metavar="NAME", help="add class NAME to --bank from the list's masks "
                                                    "(1 = NAME, 0 = other), without retraining")
     bank.add_argument("--bank", metavar="BANK", help="existing bank to extend (with --add)")
-    bank.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bank.set_defaults(run=run_bank)
 
 
 def run_bank(args) -> int:
-    from spml_fast.bank import add_class, build_run_bank, labelled_segment_prototypes, load_bank, save_bank
-    from spml_fast.bank import subsample_balanced
+    from spml_fast.bank import add_class_from_list, build_run_bank, save_bank
     if args.add:
         if not (args.bank and args.list):
             raise ValueError("--add NAME needs --bank BANK (the bank to extend) and --list FILE (its masks)")
-        from spml_fast.data import SegmentationDataset, read_list
-        from spml_fast.evaluate import load_run
-        model, config, _ = load_run(args.checkpoint, args.device)
-        root = args.data or config.data_root
-        masks = SegmentationDataset(read_list(root, args.list), 2, root, train=False, overseg=config.overseg)
-        prototypes, labels = labelled_segment_prototypes(model, masks, config.bank_grid or config.kmeans_grid,
-                                                         config.kmeans_iterations, 2, args.device, desc="add")
-        bank = add_class(load_bank(args.bank, args.device), args.add, prototypes, labels)
-        if args.max_size:
-            bank = subsample_balanced(bank, args.max_size)
+        bank = add_class_from_list(args.checkpoint, args.bank, args.add, args.data, args.list, args.device,
+                                   args.max_size)
     else:
         bank = build_run_bank(args.checkpoint, args.data, args.list, args.device, args.max_size)
     save_bank(bank, args.out)
@@ -241,12 +259,8 @@ def run_bank(args) -> int:
 
 def _add_train_classifier(subparsers) -> None:
     head = subparsers.add_parser("train-classifier", help="softmax classifier head on a run's frozen embeddings")
-    head.add_argument("--checkpoint", required=True, metavar="RUN")
-    head.add_argument("--data", metavar="ROOT")
-    head.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
-    head.add_argument("--out", required=True, metavar="HEAD", help="output .safetensors")
+    _add_run_and_list(head, "HEAD")
     head.add_argument("--epochs", type=int, default=200)
-    head.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     head.set_defaults(run=run_train_classifier)
 
 
@@ -327,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_synth(subparsers)
+    _add_cam(subparsers)
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_bank(subparsers)

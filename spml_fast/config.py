@@ -83,7 +83,8 @@ PRESETS = {
     "synthetic-point": _synthetic("synthetic-point", "train_point.txt", (0.1, 0.1, 0.0), 8.0),
     "synthetic-box": replace(_synthetic("synthetic-box", "train_box.txt", (0.3, 0.3, 0.0), 8.0),
                              bank_list="train_boxfill.txt"),
-    "synthetic-tag": _synthetic("synthetic-tag", "train_tag.txt", (0.3, 0.3, 0.0), 8.0),
+    # tags: relation C on CAM pseudo-labels (SPEC §7), written by `spml-fast cam --list train_tag.txt`
+    "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", (0.3, 0.3, 0.0), 8.0),
     "synthetic-scribble-pce": _synthetic("synthetic-scribble-pce", "train_scribble.txt", (1.0, 0.5, 0.0), 12.0,
                                          objective="pce"),
 }

@@ -1,7 +1,8 @@
 """``spml-fast experiments``: the README's tables on the built-in data.
 
 Trains and evaluates, on one synthetic dataset:
-- each supervision: scribbles, points, boxes (bank from box-fill pseudo-labels), tags;
+- each supervision: scribbles, points, boxes (bank from box-fill pseudo-labels), tags
+  (relation C and the bank on CAM pseudo-labels from ``spml-fast cam``);
 - the scribble ablation: all relations, then without I, without C, without O;
 - the partial cross-entropy baseline on the same scribbles.
 Writes ``results.json`` and ``results.md`` under ``--out``; finished runs are
@@ -43,6 +44,10 @@ def _run(name: str, preset: str, overrides: dict, data: str, out: str, iteration
 def run_experiments(out: str, iterations: Optional[int] = None) -> dict:
     data = os.path.join(out, "data")
     write_dataset(data, SynthConfig())
+    if not os.path.exists(os.path.join(data, "train_cam.txt")):     # tags: CAM pseudo-labels (SPEC §7)
+        from .cam import write_cam_labels
+        from .synth import CLASSES
+        write_cam_labels(data, "train_tag.txt", "train_cam.txt", len(CLASSES))
     results = {"supervision": {}, "ablation": {}}
     for label, preset in SUPERVISIONS:
         results["supervision"][label] = _run(preset, preset, {}, data, out, iterations)

@@ -28,3 +28,18 @@ def test_bench_all_quick_writes_json_markdown_and_plots(tmp_path):
     assert sorted(os.listdir(plots)) == ["inference.png", "loss.png", "primitives.png", "train-step.png"]
     markdown = out_md.read_text()
     assert "speed-up vs baseline" in markdown and "images/s" in markdown
+
+
+def test_roofline_formula_and_device_table():
+    from spml_fast.benchmarks.roofline import loss_roofline, peaks
+    case = dict(N=1 << 20, M=1 << 14, D=64)
+    assert peaks("NVIDIA H100 80GB HBM3") == peaks("NVIDIA H200")
+    assert peaks("Some CPU") is None and loss_roofline(case, 1.0, "cpu") is None
+    result = loss_roofline(case, 0.01, "NVIDIA H100 80GB HBM3")
+    flops = 8 * case["N"] * case["M"] * case["D"]
+    assert abs(result["tflops"] - flops / 0.01 / 1e12) < 1e-9
+    exp_time = 2 * case["N"] * case["M"] / (132 * 16 * 1.98e9)
+    matmul_time = flops / 989e12                      # D = 64: 8.9 ms of tensor-core work, 8.2 ms of exps
+    assert result["bound"] == "tensor core" and abs(result["roofline_fraction"] - matmul_time / 0.01) < 1e-12
+    narrow = loss_roofline(dict(case, D=16), 0.01, "NVIDIA H100 80GB HBM3")
+    assert narrow["bound"] == "exp" and abs(narrow["roofline_fraction"] - exp_time / 0.01) < 1e-12
