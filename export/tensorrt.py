@@ -42,7 +42,7 @@ def strongly_typed_supported(trt) -> bool:
 @dataclass(frozen=True)
 class Profile:
     """Optimisation profile of the image input: (batch, height, width) at min / opt / max."""
-    min: tuple = (1, 128, 128)
+    min: tuple = (1, 64, 64)         # parity checks run 96x128 and 75x111
     opt: tuple = (1, 512, 512)
     max: tuple = (8, 1024, 2048)
 
