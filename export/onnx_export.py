@@ -8,10 +8,8 @@ names, input layout, k, whether the bank is an input, mean/std.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
