@@ -67,12 +67,24 @@ def _add_synth(subparsers) -> None:
     synth.add_argument("--val-images", type=int, default=40)
     synth.add_argument("--size", type=int, default=96)
     synth.add_argument("--seed", type=int, default=0)
+    _add_scene_flags(synth)
     synth.set_defaults(run=run_synth)
+
+
+def _add_scene_flags(parser) -> None:
+    from spml_fast.synth import SynthConfig
+    defaults = SynthConfig()
+    parser.add_argument("--shading", type=float, default=defaults.shading,
+                        help="rim darkening of objects, 0 = flat (default %(default)s)")
+    parser.add_argument("--scribble-margin", type=float, default=defaults.scribble_margin,
+                        help="scribbles keep this fraction of an object's depth from its outline, 0 = anywhere "
+                             "inside (default %(default)s)")
 
 
 def run_synth(args) -> int:
     from spml_fast.synth import SynthConfig, write_dataset
-    info = write_dataset(args.out, SynthConfig(args.train_images, args.val_images, args.size, args.seed))
+    info = write_dataset(args.out, SynthConfig(args.train_images, args.val_images, args.size, args.seed,
+                                               shading=args.shading, scribble_margin=args.scribble_margin))
     print(f"wrote {info['train']} training and {info['val']} validation scenes to {args.out}")
     return 0
 
@@ -201,12 +213,15 @@ def _add_experiments(subparsers) -> None:
                                                             "ablation on the built-in data")
     experiments.add_argument("--out", default="runs/experiments", metavar="DIR")
     experiments.add_argument("--iterations", type=int, default=None)
+    _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 
 
 def run_experiments_command(args) -> int:
     from spml_fast.experiments import run_experiments, to_markdown
-    print(to_markdown(run_experiments(args.out, args.iterations)))
+    from spml_fast.synth import SynthConfig
+    scenes = SynthConfig(shading=args.shading, scribble_margin=args.scribble_margin)
+    print(to_markdown(run_experiments(args.out, args.iterations, scenes)))
     return 0
 
 

@@ -41,9 +41,11 @@ def _run(name: str, preset: str, overrides: dict, data: str, out: str, iteration
         return dict(mIoU=None, note=str(error))
 
 
-def run_experiments(out: str, iterations: Optional[int] = None) -> dict:
+def run_experiments(out: str, iterations: Optional[int] = None, scenes: SynthConfig = SynthConfig()) -> dict:
+    """scenes: the built-in data's settings (``--shading 0 --scribble-margin 0``: the flat scenes of the
+    README's comparison)."""
     data = os.path.join(out, "data")
-    write_dataset(data, SynthConfig())
+    write_dataset(data, scenes)
     if not os.path.exists(os.path.join(data, "train_cam.txt")):     # tags: CAM pseudo-labels (SPEC §7)
         from .cam import write_cam_labels
         from .synth import CLASSES

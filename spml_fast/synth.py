@@ -6,7 +6,12 @@ Each scene has a textured background (smooth noise in a random earth-tone
 palette) and 1-4 objects of the foreground classes; a class is a texture
 family (hue range and pattern: stripes, dots, checks, waves, speckle), not a
 shape, so shapes and sizes vary freely. Objects occlude each other, colours
-are jittered per object and per image. Written:
+are jittered per object and per image. Objects are shaded like lit, rounded
+things (darker towards their outline) and scribbles are drawn through their
+middle, as annotators draw them: the rims are never labelled and look unlike
+the labelled pixels, which is where labels must spread through unlabelled
+pixels (SPML's relations) rather than be extrapolated from the labelled ones
+alone. Written:
 
   JPEGImages/NNNN.png        the image
   segcls/NNNN.png            exact class mask (evaluation)
@@ -42,6 +47,8 @@ class SynthConfig:
     max_objects: int = 4
     scribble_width: int = 0          # stroke dilation in pixels: 0 = 1-px strokes, ~3% of pixels (VOC-like)
     point_radius: int = 2
+    shading: float = 0.6             # rim darkening of objects (0 = flat): brightness x (1 - shading) at the outline
+    scribble_margin: float = 0.35    # strokes keep to pixels at least this fraction of the region's depth inside
 
 
 # Hue (0-1) centre of each foreground class, and its pattern.
@@ -125,11 +132,23 @@ def _shape_mask(rng, size: int) -> np.ndarray:
     return mask
 
 
-def _stroke(rng, region: np.ndarray, width: int) -> np.ndarray:
-    """A scribble: a smooth random walk through the (eroded) region, dilated by ``width``."""
-    inner = ndimage.binary_erosion(region, iterations=2)
-    if inner.sum() < 4:
-        inner = region
+def _shade(shape: np.ndarray, strength: float) -> np.ndarray:
+    """[S, S] brightness factor of a lit, rounded object: 1 at its deepest pixel, 1 - strength at the outline."""
+    depth = ndimage.distance_transform_edt(shape)
+    depth = np.sqrt(np.clip(depth / max(depth.max(), 1.0), 0, 1))
+    return 1.0 - strength * (1.0 - depth)
+
+
+def _stroke(rng, region: np.ndarray, width: int, margin: float = 0.0) -> np.ndarray:
+    """A scribble: a smooth random walk through the region's interior, dilated by ``width``.
+
+    The interior is the region eroded by 2 px and, with ``margin`` > 0, the pixels at least ``margin`` x the
+    region's largest depth from its outline (annotators draw through the middle of an object)."""
+    eroded = ndimage.binary_erosion(region, iterations=2)
+    depth = ndimage.distance_transform_edt(region)
+    middle = eroded & (depth >= margin * depth.max())
+    # the first with room for a stroke: the middle, the eroded region, the region (tiny objects)
+    inner = next((choice for choice in (middle, eroded) if choice.sum() >= 4), region)
     ys, xs = np.nonzero(inner)
     stroke = np.zeros_like(region)
     if len(ys) == 0:
@@ -174,6 +193,8 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
         cls = int(rng.integers(1, len(CLASSES)))
         shape = _shape_mask(rng, size)
         texture = _texture(rng, cls, size)
+        if config.shading > 0:
+            texture = texture * _shade(shape, config.shading)[..., None]
         image[shape] = texture[shape]
         mask[shape] = cls
         for instance in instances:       # occlusion: later objects cover earlier ones
@@ -189,12 +210,12 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
     box = np.zeros((size, size), dtype=np.uint8)
     background = mask == 0
     for _ in range(2):
-        scribble[_stroke(rng, background, config.scribble_width)] = 0
+        scribble[_stroke(rng, background, config.scribble_width, config.scribble_margin)] = 0
         point[_point(rng, background, config.point_radius)] = 0
     boxes = []
     for instance in instances:
         region = instance["mask"] & (mask == instance["cls"])
-        scribble[_stroke(rng, region, config.scribble_width)] = instance["cls"]
+        scribble[_stroke(rng, region, config.scribble_width, config.scribble_margin)] = instance["cls"]
         point[_point(rng, region, config.point_radius)] = instance["cls"]
         ys, xs = np.nonzero(instance["mask"])
         if len(ys):

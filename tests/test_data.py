@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 
 from spml_fast.data import (DataError, EpochSampler, SegmentationDataset, collate, read_classes, read_folder,
                             read_list, tags_to_words)
@@ -157,3 +158,45 @@ def test_list_and_classes_errors(tmp_path):
     assert read_classes("3") == ["background", "class1", "class2"]
     with pytest.raises(DataError, match="classes file not found"):
         read_classes(str(tmp_path / "nope.txt"))
+
+
+def test_shading_darkens_objects_towards_their_outline():
+    from spml_fast.synth import _shade
+    disk = np.zeros((41, 41), dtype=bool)
+    yy, xx = np.mgrid[:41, :41]
+    disk[(yy - 20) ** 2 + (xx - 20) ** 2 <= 15 ** 2] = True
+    factor = _shade(disk, 0.6)
+    assert factor[20, 20] == pytest.approx(1.0)
+    outline = disk & ~ndimage.binary_erosion(disk)
+    assert factor[outline].max() < 0.6 and factor[disk].min() >= 0.4 - 1e-9
+    assert factor[20, 8] < factor[20, 14] < factor[20, 20]                  # monotone towards the centre
+    flat = make_scene(3, SynthConfig(size=48, shading=0.0)), make_scene(3, SynthConfig(size=48, shading=0.6))
+    assert np.array_equal(flat[0]["mask"], flat[1]["mask"])                 # same scene, only darker rims
+    objects = flat[0]["mask"] > 0
+    assert flat[1]["image"][objects].mean() < flat[0]["image"][objects].mean()
+
+
+def test_scribbles_keep_the_margin_inside_objects():
+    from spml_fast.synth import _stroke
+    region = np.zeros((64, 64), dtype=bool)
+    region[8:56, 12:52] = True
+    depth = ndimage.distance_transform_edt(region)
+    for seed in range(5):
+        stroke = _stroke(np.random.default_rng(seed), region, 0, margin=0.35)
+        assert stroke.any() and depth[stroke].min() >= 0.35 * depth.max()
+    loose = _stroke(np.random.default_rng(0), region, 0, margin=0.0)
+    assert depth[loose].min() < 0.35 * depth.max()                         # the margin is what keeps it in
+
+
+@pytest.mark.parametrize("flags, scenes", [([], SynthConfig(size=32)),
+                                           (["--shading", "0", "--scribble-margin", "0"],
+                                            SynthConfig(size=32, shading=0.0, scribble_margin=0.0))])
+def test_synth_command_writes_the_configured_scenes(tmp_path, flags, scenes):
+    from spml_fast.cli import main
+    assert main(["synth", "--out", str(tmp_path), "--train-images", "2", "--val-images", "1", "--size", "32"]
+                + flags) == 0
+    expected = make_scene(scenes.seed * 1_000_003 + 1, scenes)
+    written = np.asarray(Image.open(tmp_path / "JPEGImages" / "0001.png").convert("RGB"))
+    assert np.array_equal(written, expected["image"])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "scribble" / "0001.png")), expected["scribble"])
+    assert len(read_list(str(tmp_path), "val.txt")) == 1
