@@ -17,7 +17,7 @@ from typing import Optional
 from .config import PRESETS, apply_overrides
 from .evaluate import run_eval
 from .io import save_json, save_text
-from .synth import SynthConfig, write_dataset
+from .synth import SynthConfig, scene_statistics, write_dataset
 from .train import train
 
 SUPERVISIONS = [("scribbles", "synthetic-scribble"), ("points", "synthetic-point"), ("boxes", "synthetic-box"),
@@ -50,7 +50,8 @@ def run_experiments(out: str, iterations: Optional[int] = None, scenes: SynthCon
         from .cam import write_cam_labels
         from .synth import CLASSES
         write_cam_labels(data, "train_tag.txt", "train_cam.txt", len(CLASSES))
-    results = {"supervision": {}, "ablation": {}}
+    results = {"supervision": {}, "ablation": {},
+               "scenes": scene_statistics(scenes, PRESETS["synthetic-scribble"].overseg)}
     for label, preset in SUPERVISIONS:
         results["supervision"][label] = _run(preset, preset, {}, data, out, iterations)
     for label, overrides in ABLATIONS:
@@ -73,4 +74,10 @@ def to_markdown(results: dict) -> str:
     lines += [f"| {name} | {_cell(entry)} |" for name, entry in results["ablation"].items()]
     lines += [f"| partial cross-entropy baseline (same network, scribbled pixels only) | "
               f"{_cell(results['baseline'])} |"]
+    if "scenes" in results:
+        scenes = results["scenes"]
+        lines += ["", f"Scribbles label {100 * scenes['labelled_fraction']:.1f}% of the pixels; "
+                      f"{100 * scenes['rim_fraction']:.0f}% of the object pixels lie outside the middle the strokes "
+                      f"keep to, {100 * scenes['rim_sharing_a_region_with_the_middle']:.0f}% of those in an "
+                      "over-segmentation region that reaches the middle."]
     return "\n".join(lines) + "\n"

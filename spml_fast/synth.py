@@ -229,6 +229,30 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
                 tags=tags)
 
 
+def scene_statistics(config: SynthConfig, overseg, scenes: int = 40) -> dict:
+    """What the scribbles see of the objects, over the first ``scenes`` scenes: the labelled fraction of the
+    pixels, the objects' rim fraction (pixels outside the middle that strokes keep to), and the fraction of rim
+    pixels whose over-segmentation region (``overseg``: data.OversegConfig) also reaches that middle."""
+    from .data import compute_overseg
+    labelled, rim, shared, object_pixels = 0, 0, 0, 0
+    for index in range(scenes):
+        scene = make_scene(config.seed * 1_000_003 + index, config)
+        regions = compute_overseg(scene["image"], overseg, cache_dir=None)
+        labelled += int((scene["scribble"] != IGNORE).sum())
+        for cls in scene["tags"]:
+            components, count = ndimage.label(scene["mask"] == cls)
+            for component in range(1, count + 1):
+                region = components == component
+                depth = ndimage.distance_transform_edt(region)
+                middle = depth >= config.scribble_margin * depth.max()
+                outer = region & ~middle
+                object_pixels += int(region.sum())
+                rim += int(outer.sum())
+                shared += int(np.isin(regions[outer], np.unique(regions[middle])).sum())
+    return dict(labelled_fraction=labelled / (scenes * config.size ** 2), rim_fraction=rim / max(object_pixels, 1),
+                rim_sharing_a_region_with_the_middle=shared / max(rim, 1))
+
+
 def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool = True) -> dict:
     """Write the dataset under ``root`` (skipping scenes already complete: a killed run resumes)."""
     from tqdm import tqdm

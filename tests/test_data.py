@@ -200,3 +200,17 @@ def test_synth_command_writes_the_configured_scenes(tmp_path, flags, scenes):
     assert np.array_equal(written, expected["image"])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "scribble" / "0001.png")), expected["scribble"])
     assert len(read_list(str(tmp_path), "val.txt")) == 1
+
+
+def test_scene_statistics_measure_the_unlabelled_rims():
+    from spml_fast.data import OversegConfig
+    from spml_fast.experiments import to_markdown
+    from spml_fast.synth import scene_statistics
+    middle_only = scene_statistics(SynthConfig(size=48), OversegConfig(), scenes=3)
+    anywhere = scene_statistics(SynthConfig(size=48, shading=0.0, scribble_margin=0.0), OversegConfig(), scenes=3)
+    assert 0.2 < middle_only["rim_fraction"] < 0.8 and anywhere["rim_fraction"] == 0.0
+    assert 0.0 < middle_only["labelled_fraction"] < anywhere["labelled_fraction"] < 0.1
+    assert 0.0 <= middle_only["rim_sharing_a_region_with_the_middle"] <= 1.0
+    cell = dict(mIoU=0.5, per_class=[0.5])
+    text = to_markdown({"supervision": {"scribbles": cell}, "ablation": {}, "baseline": cell, "scenes": middle_only})
+    assert f"{100 * middle_only['rim_fraction']:.0f}% of the object pixels" in text
