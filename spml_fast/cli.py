@@ -199,12 +199,18 @@ def _add_demo(subparsers) -> None:
     demo = subparsers.add_parser("demo", help="synth, train on synthetic-scribble and the pce baseline, eval, figure")
     demo.add_argument("--out", default="runs/demo", metavar="DIR")
     demo.add_argument("--iterations", type=int, default=None)
+    _add_scene_flags(demo)
     demo.set_defaults(run=run_demo)
+
+
+def _scenes(args):
+    from spml_fast.synth import SynthConfig
+    return SynthConfig(shading=args.shading, scribble_margin=args.scribble_margin)
 
 
 def run_demo(args) -> int:
     from spml_fast.demo import demo
-    demo(args.out, args.iterations)
+    demo(args.out, args.iterations, _scenes(args))
     return 0
 
 
@@ -219,9 +225,7 @@ def _add_experiments(subparsers) -> None:
 
 def run_experiments_command(args) -> int:
     from spml_fast.experiments import run_experiments, to_markdown
-    from spml_fast.synth import SynthConfig
-    scenes = SynthConfig(shading=args.shading, scribble_margin=args.scribble_margin)
-    print(to_markdown(run_experiments(args.out, args.iterations, scenes)))
+    print(to_markdown(run_experiments(args.out, args.iterations, _scenes(args))))
     return 0
 
 

@@ -20,9 +20,11 @@ from .synth import SynthConfig, palette, write_dataset
 from .train import train
 
 
-def demo(out: str, iterations: Optional[int] = None) -> dict:
+def demo(out: str, iterations: Optional[int] = None, scenes: SynthConfig = SynthConfig()) -> dict:
+    """scenes: the built-in data's settings (``spml-fast demo --shading 0 --scribble-margin 0``: flat scenes
+    with strokes anywhere inside the objects)."""
     data = os.path.join(out, "data")
-    write_dataset(data, SynthConfig())
+    write_dataset(data, scenes)
     results, loaded = {}, {}
     for preset in ("synthetic-scribble", "synthetic-scribble-pce"):
         config = replace(PRESETS[preset], data_root=data)
