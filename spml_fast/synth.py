@@ -7,11 +7,11 @@ palette) and 1-4 objects of the foreground classes; a class is a texture
 family (hue range and pattern: stripes, dots, checks, waves, speckle), not a
 shape, so shapes and sizes vary freely. Objects occlude each other, colours
 are jittered per object and per image. Objects are shaded like lit, rounded
-things (darker towards their outline) and scribbles are drawn through their
-middle, as annotators draw them: the rims are never labelled and look unlike
-the labelled pixels, which is where labels must spread through unlabelled
-pixels (SPML's relations) rather than be extrapolated from the labelled ones
-alone. Written:
+things (darker towards their outline) and scribbles are drawn through the
+middle of each object and of the background, as annotators draw them: no
+labelled pixel lies near a boundary, so the labels of the pixels there must
+spread through the unlabelled pixels (SPML's relations) rather than be
+extrapolated from the labelled ones alone. Written:
 
   JPEGImages/NNNN.png        the image
   segcls/NNNN.png            exact class mask (evaluation)
@@ -45,7 +45,7 @@ class SynthConfig:
     size: int = 96
     seed: int = 0
     max_objects: int = 4
-    scribble_width: int = 0          # stroke dilation in pixels: 0 = 1-px strokes, ~3% of pixels (VOC-like)
+    scribble_width: int = 0          # stroke dilation in pixels: 0 = 1-px strokes, ~2% of pixels (VOC-like)
     point_radius: int = 2
     shading: float = 0.6             # rim darkening of objects (0 = flat): brightness x (1 - shading) at the outline
     scribble_margin: float = 0.35    # strokes keep to pixels at least this fraction of the region's depth inside
@@ -244,7 +244,7 @@ def scene_statistics(config: SynthConfig, overseg, scenes: int = 40) -> dict:
             for component in range(1, count + 1):
                 region = components == component
                 depth = ndimage.distance_transform_edt(region)
-                middle = depth >= config.scribble_margin * depth.max()
+                middle = region & (depth >= config.scribble_margin * depth.max())
                 outer = region & ~middle
                 object_pixels += int(region.sum())
                 rim += int(outer.sum())
