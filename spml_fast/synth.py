@@ -139,14 +139,19 @@ def _shade(shape: np.ndarray, strength: float) -> np.ndarray:
     return 1.0 - strength * (1.0 - depth)
 
 
+def _middle(region: np.ndarray, margin: float) -> np.ndarray:
+    """[S, S] bool: the pixels of ``region`` at least ``margin`` x its largest depth from its outline."""
+    depth = ndimage.distance_transform_edt(region)
+    return region & (depth >= margin * depth.max())
+
+
 def _stroke(rng, region: np.ndarray, width: int, margin: float = 0.0) -> np.ndarray:
     """A scribble: a smooth random walk through the region's interior, dilated by ``width``.
 
-    The interior is the region eroded by 2 px and, with ``margin`` > 0, the pixels at least ``margin`` x the
-    region's largest depth from its outline (annotators draw through the middle of an object)."""
+    The interior is the region eroded by 2 px and, with ``margin`` > 0, its middle (``_middle``: annotators
+    draw through the middle of an object)."""
     eroded = ndimage.binary_erosion(region, iterations=2)
-    depth = ndimage.distance_transform_edt(region)
-    middle = eroded & (depth >= margin * depth.max())
+    middle = eroded & _middle(region, margin)
     # the first with room for a stroke: the middle, the eroded region, the region (tiny objects)
     inner = next((choice for choice in (middle, eroded) if choice.sum() >= 4), region)
     ys, xs = np.nonzero(inner)
@@ -243,8 +248,7 @@ def scene_statistics(config: SynthConfig, overseg, scenes: int = 40) -> dict:
             components, count = ndimage.label(scene["mask"] == cls)
             for component in range(1, count + 1):
                 region = components == component
-                depth = ndimage.distance_transform_edt(region)
-                middle = region & (depth >= config.scribble_margin * depth.max())
+                middle = _middle(region, config.scribble_margin)
                 outer = region & ~middle
                 object_pixels += int(region.sum())
                 rim += int(outer.sum())
