@@ -6,13 +6,16 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, replace
 
+from .crf import CrfConfig
 from .data import AugmentConfig, OversegConfig
 from .models import ModelConfig
+from .objective import ObjectiveConfig
 from .relations import RelationConfig
 
 
 @dataclass(frozen=True)
 class OptimConfig:
+    optimizer: str = "sgd"                  # "sgd" (momentum; the paper) | "adamw"
     lr: float = 3e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -21,11 +24,15 @@ class OptimConfig:
     iterations: int = 30000
     batch: int = 4
 
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optim.optimizer must be sgd or adamw, got {self.optimizer!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
     preset: str = "voc-scribble"
-    objective: str = "spml"                 # "spml" | "pce" (partial cross-entropy baseline)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)   # loss terms (spml_fast.objective)
     model: ModelConfig = field(default_factory=ModelConfig)
     relations: RelationConfig = field(default_factory=RelationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -48,45 +55,70 @@ class TrainConfig:
     checkpoint_backbone: bool = False
     pretrained: str = ""
     eval_k: int = 20
+    crf: CrfConfig = field(default_factory=CrfConfig)   # dense CRF after the predictor (evaluation, predict)
 
 
-def _voc(preset, train_list, weights, kappa_o):
-    semantic, cooccurrence, affinity = weights
-    return TrainConfig(
-        preset=preset, model=ModelConfig(backbone="resnet101", embedding_dim=64),
-        relations=RelationConfig(weight_image=0.1, weight_semantic=semantic, weight_cooccurrence=cooccurrence,
-                                 kappa_cooccurrence=kappa_o, weight_affinity=affinity),
-        augment=AugmentConfig(crop=512), train_list=train_list, classes="21")
+# The paper's relation weights and co-occurrence concentration per supervision (its Table 7).
+SCRIBBLE_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=1.0, weight_cooccurrence=0.5,
+                                    kappa_cooccurrence=12.0)
+BOX_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=0.3, weight_cooccurrence=0.3, kappa_cooccurrence=8.0)
+TAG_RELATIONS = BOX_RELATIONS
+POINT_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=0.1, weight_cooccurrence=0.1,
+                                 kappa_cooccurrence=8.0)
+DENSEPOSE_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=1.0, weight_cooccurrence=0.0,
+                                     weight_affinity=0.5, memory_bank=0)
+
+# What a run learns from (spml_fast.objective).
+SPML = ObjectiveConfig(relations=1.0)
+PARTIAL_CE = ObjectiveConfig(relations=0.0, partial_ce=1.0)
+HYBRID = ObjectiveConfig(relations=1.0, partial_ce=1.0)
+TREE_ENERGY = ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=0.4)
+GAUSSIAN_MIXTURE = ObjectiveConfig(relations=0.0, partial_ce=1.0, gaussian_mixture=0.4)
+HYBRID_TREE_ENERGY = ObjectiveConfig(relations=1.0, partial_ce=1.0, tree_energy=0.4)
 
 
-def _synthetic(preset, train_list, weights, kappa_o, objective="spml"):
-    base = _voc(preset, train_list, weights, kappa_o)
-    return replace(base, objective=objective, model=ModelConfig(backbone="small", embedding_dim=32, width=32),
-                   optim=OptimConfig(lr=0.05, iterations=600, batch=8, warmup=20, weight_decay=1e-4),
-                   augment=AugmentConfig(crop=96, scale_range=(0.75, 1.25)),
-                   overseg=OversegConfig(scale=60.0, sigma=0.8, min_size=20),
-                   kmeans_grid=4, bank_grid=12, classes="classes.txt", checkpoint_every=100, eval_k=10)
+def _voc(preset: str, train_list: str, relations: RelationConfig) -> TrainConfig:
+    """The paper's recipe: DeepLab-v2 ResNet-101, D = 64, crop 512, SGD, relations only."""
+    return TrainConfig(preset=preset, model=ModelConfig(backbone="resnet101", embedding_dim=64),
+                       relations=relations, augment=AugmentConfig(crop=512), train_list=train_list, classes="21")
+
+
+def _synthetic(preset: str, train_list: str, relations: RelationConfig, objective: ObjectiveConfig,
+               **changes) -> TrainConfig:
+    """The built-in data's recipe: the small CPU network, 96-pixel crops, AdamW."""
+    return replace(TrainConfig(
+        preset=preset, objective=objective, relations=relations,
+        model=ModelConfig(backbone="small", embedding_dim=32, width=32),
+        optim=OptimConfig(optimizer="adamw", lr=2e-3, iterations=600, batch=8, warmup=20, weight_decay=1e-4),
+        augment=AugmentConfig(crop=96, scale_range=(0.75, 1.25)),
+        overseg=OversegConfig(scale=60.0, sigma=0.8, min_size=20), kmeans_grid=4, bank_grid=12,
+        train_list=train_list, classes="classes.txt", checkpoint_every=100, eval_k=10), **changes)
 
 
 PRESETS = {
-    "voc-scribble": _voc("voc-scribble", "train+aug_scribble.txt", (1.0, 0.5, 0.0), 12.0),
-    "voc-box": _voc("voc-box", "train+aug_box.txt", (0.3, 0.3, 0.0), 8.0),
-    "voc-tag": _voc("voc-tag", "train+aug_tag.txt", (0.3, 0.3, 0.0), 8.0),
-    "voc-point": _voc("voc-point", "train+aug_point.txt", (0.1, 0.1, 0.0), 8.0),
-    "densepose-point": replace(
-        _voc("densepose-point", "train_point.txt", (1.0, 0.0, 0.5), 12.0),
-        model=ModelConfig(backbone="resnet101", embedding_dim=32), kmeans_grid=12,
-        relations=RelationConfig(weight_image=0.1, weight_semantic=1.0, weight_cooccurrence=0.0,
-                                 weight_affinity=0.5, memory_bank=0),
-        optim=OptimConfig(iterations=45000), classes="15"),
-    "synthetic-scribble": _synthetic("synthetic-scribble", "train_scribble.txt", (1.0, 0.5, 0.0), 12.0),
-    "synthetic-point": _synthetic("synthetic-point", "train_point.txt", (0.1, 0.1, 0.0), 8.0),
-    "synthetic-box": replace(_synthetic("synthetic-box", "train_box.txt", (0.3, 0.3, 0.0), 8.0),
-                             bank_list="train_boxfill.txt"),
-    # tags: relation C on CAM pseudo-labels (SPEC §7), written by `spml-fast cam --list train_tag.txt`
-    "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", (0.3, 0.3, 0.0), 8.0),
-    "synthetic-scribble-pce": _synthetic("synthetic-scribble-pce", "train_scribble.txt", (1.0, 0.5, 0.0), 12.0,
-                                         objective="pce"),
+    "voc-scribble": _voc("voc-scribble", "train+aug_scribble.txt", SCRIBBLE_RELATIONS),
+    "voc-box": _voc("voc-box", "train+aug_box.txt", BOX_RELATIONS),
+    "voc-tag": _voc("voc-tag", "train+aug_tag.txt", TAG_RELATIONS),
+    "voc-point": _voc("voc-point", "train+aug_point.txt", POINT_RELATIONS),
+    "densepose-point": replace(_voc("densepose-point", "train_point.txt", DENSEPOSE_RELATIONS),
+                               model=ModelConfig(backbone="resnet101", embedding_dim=32), kmeans_grid=12,
+                               optim=OptimConfig(iterations=45000), classes="15"),
+    "synthetic-scribble": _synthetic("synthetic-scribble", "train_scribble.txt", SCRIBBLE_RELATIONS, HYBRID),
+    "synthetic-scribble-spml": _synthetic("synthetic-scribble-spml", "train_scribble.txt", SCRIBBLE_RELATIONS, SPML),
+    "synthetic-scribble-pce": _synthetic("synthetic-scribble-pce", "train_scribble.txt", SCRIBBLE_RELATIONS,
+                                         PARTIAL_CE),
+    "synthetic-scribble-hybrid": _synthetic("synthetic-scribble-hybrid", "train_scribble.txt", SCRIBBLE_RELATIONS,
+                                            HYBRID),
+    "synthetic-scribble-tel": _synthetic("synthetic-scribble-tel", "train_scribble.txt", SCRIBBLE_RELATIONS,
+                                         TREE_ENERGY),
+    "synthetic-scribble-agmm": _synthetic("synthetic-scribble-agmm", "train_scribble.txt", SCRIBBLE_RELATIONS,
+                                          GAUSSIAN_MIXTURE),
+    "synthetic-scribble-hybrid-tel": _synthetic("synthetic-scribble-hybrid-tel", "train_scribble.txt",
+                                                SCRIBBLE_RELATIONS, HYBRID_TREE_ENERGY),
+    "synthetic-point": _synthetic("synthetic-point", "train_point.txt", POINT_RELATIONS, SPML),
+    "synthetic-box": _synthetic("synthetic-box", "train_box.txt", BOX_RELATIONS, SPML, bank_list="train_boxfill.txt"),
+    # tags: relation C on CAM pseudo-labels, written by `spml-fast cam --list train_tag.txt`
+    "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", TAG_RELATIONS, SPML),
 }
 
 
@@ -142,15 +174,32 @@ def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def from_dict(data: dict) -> TrainConfig:
-    base = TrainConfig()
-    nested = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _build(kind, data: dict, where: str):
+    """A (nested) config dataclass from its ``to_dict`` form; unknown keys are errors naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    defaults = kind()
     values = {}
     for key, value in data.items():
-        if key in nested and dataclasses.is_dataclass(getattr(base, key)):
-            kind = type(getattr(base, key))
-            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-            values[key] = kind(**kwargs)
-        else:
-            values[key] = value
-    return TrainConfig(**values)
+        if key not in fields:
+            raise ValueError(f"{where}: unknown setting {key!r} in {kind.__name__}")
+        current = getattr(defaults, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _build(type(current), value, where)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        values[key] = value
+    return kind(**values)
+
+
+LEGACY_OBJECTIVES = {"spml": SPML, "pce": replace(PARTIAL_CE, head_scale=0.0)}
+
+
+def from_dict(data: dict, where: str = "config") -> TrainConfig:
+    """The inverse of ``to_dict``. Runs saved before objectives were weights (``"objective": "pce"``)
+    load with the objective they trained with."""
+    data = dict(data)
+    if isinstance(data.get("objective"), str):
+        if data["objective"] not in LEGACY_OBJECTIVES:
+            raise ValueError(f"{where}: unknown objective {data['objective']!r}")
+        data["objective"] = dataclasses.asdict(LEGACY_OBJECTIVES[data["objective"]])
+    return _build(TrainConfig, data, where)

@@ -37,7 +37,7 @@ def load_run(checkpoint: str, device: str = "cpu") -> tuple[SpmlModel, TrainConf
 def run_predictor(config: TrainConfig, model: SpmlModel, window: Optional[int] = None) -> PredictorConfig:
     """The run's evaluation predictor: the pce head's softmax, or k-NN (k = eval_k) against a bank."""
     method = "classifier" if model.classifier is not None else "pixel-knn"
-    return PredictorConfig(method=method, k=config.eval_k, window=window)
+    return PredictorConfig(method=method, k=config.eval_k, window=window, crf=config.crf)
 
 
 def class_scores(model: SpmlModel, image: torch.Tensor, head: Head, predictor: PredictorConfig) -> torch.Tensor:

@@ -9,6 +9,9 @@ their unit embeddings.
 - ``classifier``: softmax of a linear head on the frozen embedding (the pce
   baseline's head, or one fit by ``spml-fast train-classifier``).
 
+After any of them, optionally, dense CRF refinement (``crf``) against the
+image's colours.
+
 Around any of them: multi-scale (the image resized per scale, scores resized
 back and averaged) and sliding windows (windows overlapping by a third;
 a side shorter than the window is padded up to it with the mean colour,
@@ -20,11 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .bank import PrototypeBank
+from .crf import CrfConfig, refine_batch
+from .data import MEAN, STD
 from .ops import nearest_prototype, segment_prototypes
 from .segments import cluster_embeddings
 
@@ -39,6 +45,7 @@ class PredictorConfig:
     scales: tuple = (1.0,)             # multi-scale factors, scores averaged
     segment_grid: int = 6              # segment-knn: k-means start grid per image
     segment_iterations: int = 10
+    crf: CrfConfig = CrfConfig()       # dense CRF on the final scores (off by default)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -142,7 +149,18 @@ def predict_scores(model: nn.Module, images: torch.Tensor, head: Head,
         if scale != 1.0:
             scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
         total = scores if total is None else total + scores
-    return total / len(config.scales)
+    total = total / len(config.scales)
+    if config.crf.enabled:
+        total = refine_batch(total, to_uint8(images), config.crf)
+    return total
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Normalised images [B, 3, H, W] -> uint8 [B, H, W, 3] (the colours the CRF compares)."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    colours = ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    return colours.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, head: Head,

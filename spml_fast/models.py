@@ -166,11 +166,31 @@ def load_pretrained(model: EmbeddingNet, path: str) -> dict:
 
 
 class LinearClassifier(nn.Module):
-    """1x1 convolution from embeddings to K class logits (the partial cross-entropy baseline)."""
+    """1x1 convolution from unit embeddings [B, D, h, w] to K class logits [B, K, h, w].
 
-    def __init__(self, embedding_dim: int, num_classes: int):
+    ``scale`` > 0 makes it a cosine classifier: logits = scale x cos(embedding, class weight), no bias.
+    On unit embeddings a plain linear head reaches confident logits only once its weights have grown,
+    which SGD with weight decay does slowly; the cosine head has the logit range of a concentration
+    (like SPML's kappa) from the first step. ``folded()`` gives the plain linear head with the same
+    logits, which is what is saved and exported."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, scale: float = 0.0):
         super().__init__()
-        self.classifier = nn.Conv2d(embedding_dim, num_classes, 1)
+        self.scale = float(scale)
+        self.classifier = nn.Conv2d(embedding_dim, num_classes, 1, bias=self.scale <= 0)
 
     def forward(self, embeddings):
+        if self.scale > 0:
+            return F.conv2d(embeddings, self.scale * F.normalize(self.classifier.weight, dim=1))
         return self.classifier(embeddings)
+
+    def folded(self) -> "LinearClassifier":
+        """The plain linear head (weight [K, D, 1, 1], bias [K]) computing the same logits."""
+        if self.scale <= 0:
+            return self
+        weight = self.classifier.weight.detach()
+        plain = LinearClassifier(weight.shape[1], weight.shape[0]).to(weight.device)
+        with torch.no_grad():
+            plain.classifier.weight.copy_(self.scale * F.normalize(weight, dim=1))
+            plain.classifier.bias.zero_()
+        return plain.eval()

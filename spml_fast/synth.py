@@ -3,12 +3,20 @@ SPML list-file layout (SPEC §11), with exact masks and all four weak
 annotations derived from them.
 
 Each scene has a textured background (smooth noise in a random earth-tone
-palette) and 1-4 objects of the foreground classes; a class is a texture
-family (hue range and pattern: stripes, dots, checks, waves, speckle), not a
-shape, so shapes and sizes vary freely. Objects occlude each other, colours
+palette, optionally with distractor blobs: ``clutter``) and 1-4 objects of
+the foreground classes. What tells the classes apart is a parameter
+(``cue``): by default a class is a texture family (hue range and pattern:
+stripes, dots, checks, waves, speckle) in any shape; ``colour`` keeps the
+hue and draws the pattern at random, ``texture`` keeps the pattern and
+draws the colour at random, ``shape`` makes the outline the class (disc,
+square, triangle, star, cross) with random colour and pattern, and
+``texture+shape`` ties pattern and outline to the class with random colour.
+The robustness suite (``experiments --suite robustness``) trains on
+families of such scenes rather than one tuned default. Objects occlude each other, colours
 are jittered per object and per image. Objects are shaded like lit, rounded
 things (darker towards their outline) and scribbles are drawn through the
-middle of each object and of the background, as annotators draw them: no
+middle of each object and of the background, as annotators draw them (or,
+with ``stroke="line"``, as straight lines anywhere inside): no
 labelled pixel lies near a boundary, so the labels of the pixels there must
 spread through the unlabelled pixels (SPML's relations) rather than be
 extrapolated from the labelled ones alone. Written:
@@ -36,6 +44,11 @@ from .data import IGNORE
 from .io import save_json, save_png, save_text
 
 CLASSES = ["background", "stripes", "dots", "checks", "waves", "speckle"]
+COLOURS = ["background", "red", "green", "blue", "yellow", "magenta"]
+SHAPES = ["background", "disc", "square", "triangle", "star", "cross"]
+CUES = ("colour+texture", "colour", "texture", "shape", "texture+shape")
+OUTLINES = ("mixed", "blobs")
+STROKES = ("walk", "line")
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,33 @@ class SynthConfig:
     size: int = 96
     seed: int = 0
     max_objects: int = 4
+    classes: int = 5                 # foreground classes (at most 5)
+    cue: str = "colour+texture"      # what tells the classes apart (CUES; see the module docstring)
+    outlines: str = "mixed"          # object outlines unless the cue is a shape: ellipses/rectangles/polygons, or blobs
+    clutter: int = 0                 # distractor blobs of random colour in the background (background class)
     scribble_width: int = 0          # stroke dilation in pixels: 0 = 1-px strokes, ~2% of pixels (VOC-like)
+    stroke: str = "walk"             # "walk": a smooth random walk; "line": a straight line
+    scribble_per_class: bool = False # one stroke per class present (in its largest part) instead of per object
     point_radius: int = 2
     shading: float = 0.6             # rim darkening of objects (0 = flat): brightness x (1 - shading) at the outline
     scribble_margin: float = 0.35    # strokes keep to pixels at least this fraction of the region's depth inside
+
+    def __post_init__(self):
+        if self.cue not in CUES:
+            raise ValueError(f"cue must be one of {CUES}, got {self.cue!r}")
+        if self.outlines not in OUTLINES:
+            raise ValueError(f"outlines must be one of {OUTLINES}, got {self.outlines!r}")
+        if self.stroke not in STROKES:
+            raise ValueError(f"stroke must be one of {STROKES}, got {self.stroke!r}")
+        if not 1 <= self.classes <= 5:
+            raise ValueError(f"classes must lie in [1, 5], got {self.classes}")
+        if self.train_images < 1 or self.val_images < 1 or self.size < 32:
+            raise ValueError("synth: at least 1 training and 1 validation image of at least 32 pixels")
+
+    def class_names(self) -> list[str]:
+        names = {"colour": COLOURS, "shape": SHAPES,
+                 "texture+shape": ["background"] + [f"{t}-{s}" for t, s in zip(CLASSES[1:], SHAPES[1:])]}
+        return names.get(self.cue, CLASSES)[:self.classes + 1]
 
 
 # Hue (0-1) centre of each foreground class, and its pattern.
@@ -79,8 +115,9 @@ def _smooth_noise(rng, size, scale):
     return (noise - noise.min()) / (np.ptp(noise) + 1e-8)
 
 
-def _texture(rng, cls: int, size: int) -> np.ndarray:
-    """[size, size, 3] float in [0, 1] for a foreground class."""
+def _texture(rng, cls: int, size: int, hue_centre: float = None) -> np.ndarray:
+    """[size, size, 3] float in [0, 1]: pattern ``cls`` (1 stripes, 2 dots, 3 checks, 4 waves, 5 speckle)
+    around the hue ``hue_centre`` (default: the class's own hue)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(float)
     angle = rng.uniform(0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
@@ -95,7 +132,8 @@ def _texture(rng, cls: int, size: int) -> np.ndarray:
         pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (u + 3 * np.sin(2 * np.pi * yy / 17)) / period)
     else:
         pattern = (rng.random((size, size)) > 0.6).astype(float)
-    hue = (_CLASS_HUES[cls] + rng.uniform(-0.05, 0.05) + 0.04 * pattern) % 1.0
+    hue_centre = _CLASS_HUES[cls] if hue_centre is None else hue_centre
+    hue = (hue_centre + rng.uniform(-0.05, 0.05) + 0.04 * pattern) % 1.0
     saturation = np.clip(rng.uniform(0.55, 0.9) - 0.3 * pattern, 0, 1)
     value = np.clip(rng.uniform(0.55, 0.9) + 0.25 * (pattern - 0.5), 0, 1)
     return _hsv_to_rgb(hue, saturation, value)
@@ -130,6 +168,75 @@ def _shape_mask(rng, size: int) -> np.ndarray:
         rr, cc = draw.polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=mask.shape)
     mask[rr, cc] = True
     return mask
+
+
+def _class_shape(rng, kind: int, size: int) -> np.ndarray:
+    """[S, S] bool outline of shape ``kind`` (1 disc, 2 square, 3 triangle, 4 star, 5 cross), random
+    size, position and rotation."""
+    radius = rng.uniform(0.15, 0.28) * size
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    turn = rng.uniform(0, 2 * np.pi)
+    if kind == 1:
+        angles = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        radii = np.full(40, radius)
+    elif kind in (2, 3):
+        corners = 4 if kind == 2 else 3
+        angles = turn + np.arange(corners) * 2 * np.pi / corners
+        radii = np.full(corners, radius * (1.1 if kind == 2 else 1.25))
+    elif kind == 4:
+        angles = turn + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, radius * 1.25, radius * 0.5)
+    else:
+        arm = radius * 0.38          # a plus sign: 12 corners
+        unit = np.array([(1, 3), (1, 1), (3, 1), (3, -1), (1, -1), (1, -3), (-1, -3), (-1, -1), (-3, -1),
+                         (-3, 1), (-1, 1), (-1, 3)], dtype=float) * arm
+        angles = np.arctan2(unit[:, 0], unit[:, 1]) + turn
+        radii = np.hypot(unit[:, 0], unit[:, 1])
+    mask = np.zeros((size, size), dtype=bool)
+    rr, cc = draw.polygon(cy + radii * np.sin(angles), cx + radii * np.cos(angles), shape=mask.shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def _blob_mask(rng, size: int) -> np.ndarray:
+    """[S, S] bool irregular blob: smooth noise thresholded inside a disc."""
+    radius = rng.uniform(0.15, 0.3) * size
+    cy, cx = rng.uniform(radius * 0.6, size - radius * 0.6, 2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    distance = np.hypot(yy - cy, xx - cx) / radius
+    noise = _smooth_noise(rng, size, size / 12)
+    blob = distance + 0.8 * (noise - 0.5) < 1.0
+    components, count = ndimage.label(blob)
+    if count > 1:                    # keep the largest piece: one object, one region
+        sizes = ndimage.sum(blob, components, range(1, count + 1))
+        blob = components == 1 + int(np.argmax(sizes))
+    return blob
+
+
+def _distractors(rng, image: np.ndarray, count: int) -> None:
+    """Paint ``count`` greyish blobs of random hue and smooth texture into the background (in place)."""
+    size = image.shape[0]
+    for _ in range(count):
+        blob = _blob_mask(rng, size)
+        shade = _smooth_noise(rng, size, 2.0)[..., None]
+        # clutter is background: any hue but greyish (object classes are saturated, 0.55-0.9)
+        colour = _hsv_to_rgb(np.full((size, size), rng.uniform()), np.full((size, size), rng.uniform(0.05, 0.35)),
+                             np.full((size, size), rng.uniform(0.3, 0.8)))
+        image[blob] = (colour * (0.7 + 0.3 * shade))[blob]
+
+
+def _object(rng, cls: int, config: "SynthConfig") -> tuple[np.ndarray, np.ndarray]:
+    """One object of class ``cls``: (outline [S, S] bool, texture [S, S, 3]) as the cue makes it."""
+    size, cue = config.size, config.cue
+    if cue == "colour+texture":          # the default draws exactly what it always drew
+        return _shape_mask(rng, size), _texture(rng, cls, size)
+    pattern = cls if cue in ("texture", "texture+shape") else int(rng.integers(1, 6))
+    hue = _CLASS_HUES[cls] if cue == "colour" else rng.uniform()
+    if cue in ("shape", "texture+shape"):
+        shape = _class_shape(rng, cls, size)
+    else:
+        shape = _blob_mask(rng, size) if config.outlines == "blobs" else _shape_mask(rng, size)
+    return shape, _texture(rng, pattern, size, hue)
 
 
 def _shade(shape: np.ndarray, strength: float) -> np.ndarray:
@@ -177,6 +284,30 @@ def _stroke(rng, region: np.ndarray, width: int, margin: float = 0.0) -> np.ndar
     return (ndimage.binary_dilation(stroke, iterations=width) if width > 0 else stroke) & region
 
 
+def _line(rng, region: np.ndarray, width: int, margin: float = 0.0) -> np.ndarray:
+    """A straight scribble between two interior points whose segment stays inside, dilated by ``width``."""
+    inner = ndimage.binary_erosion(region, iterations=1) & _middle(region, margin)
+    inner = inner if inner.sum() >= 2 else region
+    ys, xs = np.nonzero(inner)
+    stroke = np.zeros_like(region)
+    if len(ys) == 0:
+        return stroke
+    best = None
+    for _ in range(20):                  # the longest of 20 tries that stays inside
+        first, second = rng.integers(len(ys), size=2)
+        rr, cc = draw.line(ys[first], xs[first], ys[second], xs[second])
+        if inner[rr, cc].all() and (best is None or len(rr) > len(best[0])):
+            best = (rr, cc)
+    rr, cc = best if best is not None else (ys[:1], xs[:1])
+    stroke[rr, cc] = True
+    return (ndimage.binary_dilation(stroke, iterations=width) if width > 0 else stroke) & region
+
+
+def _scribble(rng, region: np.ndarray, config: "SynthConfig") -> np.ndarray:
+    draw_stroke = _line if config.stroke == "line" else _stroke
+    return draw_stroke(rng, region, config.scribble_width, config.scribble_margin)
+
+
 def _point(rng, region: np.ndarray, radius: int) -> np.ndarray:
     distance = ndimage.distance_transform_edt(region)
     ys, xs = np.nonzero(distance >= max(1.0, distance.max() * 0.5))
@@ -192,12 +323,13 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
     rng = np.random.default_rng(seed)
     size = config.size
     image = _background(rng, size)
+    if config.clutter:
+        _distractors(rng, image, config.clutter)
     mask = np.zeros((size, size), dtype=np.uint8)
     instances = []
     for _ in range(rng.integers(1, config.max_objects + 1)):
-        cls = int(rng.integers(1, len(CLASSES)))
-        shape = _shape_mask(rng, size)
-        texture = _texture(rng, cls, size)
+        cls = int(rng.integers(1, config.classes + 1))
+        shape, texture = _object(rng, cls, config)
         if config.shading > 0:
             texture = texture * _shade(shape, config.shading)[..., None]
         image[shape] = texture[shape]
@@ -214,18 +346,25 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
     point = np.full((size, size), IGNORE, dtype=np.uint8)
     box = np.zeros((size, size), dtype=np.uint8)
     background = mask == 0
-    for _ in range(2):
-        scribble[_stroke(rng, background, config.scribble_width, config.scribble_margin)] = 0
+    for _ in range(1 if config.scribble_per_class else 2):
+        scribble[_scribble(rng, background, config)] = 0
         point[_point(rng, background, config.point_radius)] = 0
     boxes = []
     for instance in instances:
         region = instance["mask"] & (mask == instance["cls"])
-        scribble[_stroke(rng, region, config.scribble_width, config.scribble_margin)] = instance["cls"]
+        if not config.scribble_per_class:
+            scribble[_scribble(rng, region, config)] = instance["cls"]
         point[_point(rng, region, config.point_radius)] = instance["cls"]
         ys, xs = np.nonzero(instance["mask"])
         if len(ys):
             box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = IGNORE
             boxes.append([int(instance["cls"]), int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())])
+    if config.scribble_per_class:        # one stroke per class, in its largest connected part
+        for cls in sorted({inst["cls"] for inst in instances}):
+            components, count = ndimage.label(mask == cls)
+            if count:
+                sizes = ndimage.sum(mask == cls, components, range(1, count + 1))
+                scribble[_scribble(rng, components == 1 + int(np.argmax(sizes)), config)] = cls
     boxfill = np.zeros((size, size), dtype=np.uint8)
     for cls, top, left, bottom, right in sorted(boxes, key=lambda b: -(b[3] - b[1] + 1) * (b[4] - b[2] + 1)):
         boxfill[top:bottom + 1, left:right + 1] = cls
@@ -279,7 +418,7 @@ def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool
         boxes[f"JPEGImages/{name}.png"] = scene["boxes"]
     save_json(os.path.join(root, "tags.json"), tags)
     save_json(os.path.join(root, "boxes.json"), boxes)
-    save_text(os.path.join(root, "classes.txt"), "\n".join(CLASSES) + "\n")
+    save_text(os.path.join(root, "classes.txt"), "\n".join(config.class_names()) + "\n")
     train, val = names[:config.train_images], names[config.train_images:]
     lists = {"scribble": "scribble", "point": "point", "box": "box", "boxfill": "boxfill", "full": "segcls"}
     for list_name, folder in lists.items():
@@ -287,4 +426,4 @@ def write_dataset(root: str, config: SynthConfig = SynthConfig(), progress: bool
                   "".join(f"JPEGImages/{n}.png {folder}/{n}.png\n" for n in train))
     save_text(os.path.join(root, "train_tag.txt"), "".join(f"JPEGImages/{n}.png\n" for n in train))
     save_text(os.path.join(root, "val.txt"), "".join(f"JPEGImages/{n}.png segcls/{n}.png\n" for n in val))
-    return dict(root=root, train=len(train), val=len(val), classes=CLASSES)
+    return dict(root=root, train=len(train), val=len(val), classes=config.class_names())

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig, to_dict
 from .data import EpochSampler, SegmentationDataset, collate, read_classes, read_list
 from .io import atomic_path, save_json
 from .models import EmbeddingNet, LinearClassifier, load_pretrained
+from .objective import HEAD_TERMS, head_losses, total_loss
 from .relations import MemoryBank, relation_losses, weighted_total
 from .segments import make_segments
 
@@ -30,14 +30,14 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class SpmlModel(torch.nn.Module):
-    """Embedding network, plus a linear classifier for the pce objective."""
+    """Embedding network, plus a class head when the objective has head terms (``objective``)."""
 
     def __init__(self, config: TrainConfig, num_classes: int):
         super().__init__()
         self.embedding = EmbeddingNet(config.model)
         self.embedding.checkpoint_backbone = config.checkpoint_backbone
-        self.classifier = (LinearClassifier(config.model.embedding_dim, num_classes)
-                           if config.objective == "pce" else None)
+        self.classifier = (LinearClassifier(config.model.embedding_dim, num_classes, config.objective.head_scale)
+                           if config.objective.has_head else None)
 
     def forward(self, images):
         return self.embedding(images)
@@ -90,21 +90,32 @@ def load_checkpoint(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    optim = config.optim
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay)
+
+
 def training_step(model, batch, config: TrainConfig, bank: MemoryBank, num_classes: int, image_ids):
-    """Forward and loss of one batch: (total loss, {term: float}, segments for the bank or None)."""
+    """Forward and loss of one batch (``objective``): (total loss, {term: float}, segments for the
+    memory bank or None)."""
     embeddings = model(batch["image"])
-    if config.objective == "pce":
+    objective = config.objective
+    terms = {}
+    if objective.has_head:
         classifier = model.module.classifier if hasattr(model, "module") else model.classifier
-        logits = F.interpolate(classifier(embeddings), size=batch["label"].shape[-2:], mode="bilinear",
-                               align_corners=False)
-        label = torch.where(batch["valid"], batch["label"], torch.full_like(batch["label"], 255))
-        loss = F.cross_entropy(logits, label, ignore_index=255) if (label != 255).any() else logits.sum() * 0
-        return loss, {"pce": float(loss.detach())}, None
-    segments = make_segments(embeddings, batch["label"], batch["overseg"], batch["valid"], batch["tags"],
-                             num_classes, config.kmeans_grid, config.kmeans_iterations)
-    losses, local = relation_losses(segments, bank, config.relations, num_classes, image_ids)
-    total = weighted_total(losses, config.relations)
-    return total, {name: float(value.detach()) for name, value in losses.items()}, local
+        terms.update(head_losses(classifier(embeddings), embeddings, batch, objective, num_classes))
+    relation_total, local = None, None
+    if objective.relations:
+        segments = make_segments(embeddings, batch["label"], batch["overseg"], batch["valid"], batch["tags"],
+                                 num_classes, config.kmeans_grid, config.kmeans_iterations)
+        relations, local = relation_losses(segments, bank, config.relations, num_classes, image_ids)
+        relation_total = weighted_total(relations, config.relations)
+        terms.update(relations)
+    total = total_loss({k: v for k, v in terms.items() if k in HEAD_TERMS}, relation_total, objective)
+    return total, {name: float(value.detach()) for name, value in terms.items()}, local
 
 
 def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: Optional[int] = None,
@@ -128,8 +139,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, stop_after: O
         if dist.main:
             print(f"pretrained {config.pretrained}: {len(report['missing'])} missing keys "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected {report['unexpected'][:5]}")
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
-                                weight_decay=config.optim.weight_decay)
+    optimizer = make_optimizer(model, config)
     bank = MemoryBank(config.relations.memory_bank)
     iteration, epoch, position = 0, 0, 0
     checkpoint_path = os.path.join(out_dir, CHECKPOINT)

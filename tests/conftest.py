@@ -91,7 +91,8 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def deploy_run(tmp_path_factory):
-    """A tiny SPML run on the built-in data with its bank: (root, run dir, bank path).
+    """A tiny pure-SPML run (no class head: it predicts with its bank) on the built-in data with its bank:
+    (root, run dir, bank path).
 
     Trained on the tiled PyTorch path (the interpreter would take many minutes; the
     kernels have tests of their own) for enough iterations that the embedding
@@ -106,7 +107,7 @@ def deploy_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy")
     data, run, bank = str(root / "data"), str(root / "run"), str(root / "bank.safetensors")
     write_dataset(data, SynthConfig(train_images=12, val_images=3, size=48), progress=False)
-    config = apply_overrides(PRESETS["synthetic-scribble"], {
+    config = apply_overrides(PRESETS["synthetic-scribble-spml"], {
         "data_root": data, "optim.iterations": 60, "optim.batch": 4, "optim.warmup": 5, "augment.crop": 48,
         "workers": 0, "checkpoint_every": 60, "model.width": 8, "model.embedding_dim": 16, "kmeans_grid": 3,
         "bank_grid": 4})

@@ -49,7 +49,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_root, tmp_path):
 def test_pce_objective_trains(tiny_root, tmp_path):
     result = train(tiny_config(tiny_root, "synthetic-scribble-pce", iterations=3), str(tmp_path / "pce"),
                    progress=False)
-    assert set(result["losses"]) == {"pce", "total"} and result["losses"]["pce"] > 0
+    assert set(result["losses"]) == {"partial_ce", "total"} and result["losses"]["partial_ce"] > 0
 
 
 def test_cli_train_and_eval_json(tiny_root, tmp_path):

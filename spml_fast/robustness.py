@@ -1,0 +1,263 @@
+"""``spml-fast experiments --suite robustness``: every objective on families
+of built-in scenes that differ in what a method could have been tuned to.
+
+A family is a scene configuration (``synth.SynthConfig``: what tells the
+classes apart, dataset size, stroke width and placement, clutter) and the
+annotation list trained on (scribbles, points, box-fill pseudo-labels).
+Each (family, objective, seed) trains for ``iterations`` and is evaluated on
+the family's validation split twice: with the run's predictor alone and
+followed by the dense CRF (``crf``). Cells report the mean over seeds and
+the spread (half the range).
+
+Everything lands under ``--out``: ``data/<family>/``, ``runs/<family>/<objective>-s<seed>/``
+(each with its ``result.json``: a finished cell is never recomputed, a
+killed suite resumes), ``results.json``, ``results.md`` and
+``robustness.png``. Jobs run in parallel processes (``jobs``), one torch
+thread each: a run's numbers do not depend on how many run beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from typing import Optional
+
+from .synth import SynthConfig
+
+OBJECTIVES = {"pce": "synthetic-scribble-pce", "spml": "synthetic-scribble-spml", "tel": "synthetic-scribble-tel",
+              "agmm": "synthetic-scribble-agmm", "hybrid": "synthetic-scribble-hybrid",
+              "hybrid+tel": "synthetic-scribble-hybrid-tel"}
+BASELINE = "pce"
+
+
+@dataclass(frozen=True)
+class Family:
+    scenes: SynthConfig
+    train_list: str = "train_scribble.txt"
+    note: str = ""
+
+
+FAMILIES = {
+    "built-in": Family(SynthConfig(), note="colour+texture classes, shaded, 1-px strokes through the middle"),
+    "built-in, 60 images": Family(SynthConfig(train_images=60)),
+    "built-in, 500 images": Family(SynthConfig(train_images=500)),
+    "flat, strokes anywhere": Family(SynthConfig(shading=0.0, scribble_margin=0.0),
+                                     note="the earlier built-in data, where SPML and pce tied"),
+    "colour, blobs, clutter": Family(SynthConfig(cue="colour", outlines="blobs", clutter=4, shading=0.0,
+                                                 scribble_margin=0.0, train_images=100),
+                                     note="classes by hue; irregular blobs; distractors; 1-px curved strokes"),
+    "texture, random colour": Family(SynthConfig(cue="texture", shading=0.0, scribble_margin=0.0,
+                                                 scribble_width=1), note="3-px curved strokes"),
+    "shape, random colour": Family(SynthConfig(cue="shape", shading=0.0, scribble_margin=0.0, scribble_width=1),
+                                   note="random pattern too; 3-px curved strokes"),
+    "texture+shape, 60 images, lines": Family(
+        SynthConfig(cue="texture+shape", classes=3, max_objects=3, train_images=60, val_images=20, stroke="line",
+                    scribble_width=1, scribble_per_class=True, shading=0.0, scribble_margin=0.0),
+        note="random colour; one 3-px straight line per class anywhere inside"),
+    "points": Family(SynthConfig(), train_list="train_point.txt", note="one dilated point per object"),
+    "boxes (box-fill)": Family(SynthConfig(), train_list="train_boxfill.txt",
+                               note="box-fill pseudo-labels: inside a box its class"),
+}
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    iterations: int = 400
+    seeds: tuple = (0, 1)
+    jobs: int = 2
+    families: tuple = tuple(FAMILIES)
+    objectives: tuple = tuple(OBJECTIVES)
+    scale: float = 1.0          # multiplies every family's image counts (quick runs and tests)
+
+
+QUICK = SuiteConfig(iterations=200)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def family_scenes(family: Family, scale: float) -> SynthConfig:
+    scenes = family.scenes
+    return replace(scenes, train_images=max(2, round(scenes.train_images * scale)),
+                   val_images=max(1, round(scenes.val_images * scale)))
+
+
+@dataclass(frozen=True)
+class Job:
+    family: str
+    objective: str
+    seed: int
+    data: str
+    run_dir: str
+    train_list: str
+    iterations: int
+
+
+def run_job(job: Job) -> dict:
+    """Train one cell (resumable) and evaluate it with and without the CRF; cached in result.json."""
+    import torch
+
+    from .config import PRESETS, apply_overrides
+    from .data import SegmentationDataset, read_list
+    from .evaluate import evaluate, load_for_eval, run_predictor
+    from .io import save_json
+    from .train import train
+    cached = os.path.join(job.run_dir, "result.json")
+    if os.path.exists(cached):
+        with open(cached) as handle:
+            return json.load(handle)
+    torch.set_num_threads(1)
+    config = apply_overrides(PRESETS[OBJECTIVES[job.objective]], {
+        "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
+        "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
+    train(config, job.run_dir, resume=True, progress=False)
+    model, run_config, class_names, head = load_for_eval(job.run_dir, progress=False)
+    predictor = run_predictor(run_config, model)
+    val = SegmentationDataset(read_list(job.data, run_config.val_list), len(class_names), job.data, train=False,
+                              overseg=run_config.overseg)
+    result = dict(family=job.family, objective=job.objective, seed=job.seed)
+    for key, crf in (("plain", replace(run_config.crf, enabled=False)), ("crf", replace(run_config.crf, enabled=True))):
+        scores = evaluate(model, val, head, len(class_names), replace(predictor, crf=crf), progress=False)
+        result[key] = scores["mIoU"]
+        result[key + "_per_class"] = scores["per_class"]
+    save_json(cached, result)
+    return result
+
+
+def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = True) -> dict:
+    """Write the families' data, run every cell (``config.jobs`` at a time), write the report."""
+    from tqdm import tqdm
+
+    from .io import save_json, save_text
+    from .synth import write_dataset
+    unknown = [name for name in config.families if name not in FAMILIES]
+    unknown += [name for name in config.objectives if name not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"robustness suite: unknown families/objectives {unknown}")
+    jobs = []
+    for name in config.families:
+        family = FAMILIES[name]
+        data = os.path.join(out, "data", slug(name))
+        write_dataset(data, family_scenes(family, config.scale), progress=False)
+        for objective in config.objectives:
+            for seed in config.seeds:
+                jobs.append(Job(name, objective, seed, data, os.path.join(out, "runs", slug(name),
+                                                                          f"{objective}-s{seed}"),
+                                family.train_list, config.iterations))
+    results = []
+    with tqdm(total=len(jobs), desc="robustness", unit="run", disable=not progress) as bar:
+        if config.jobs <= 1:
+            for job in jobs:
+                results.append(run_job(job))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(config.jobs, mp_context=get_context("spawn")) as pool:
+                for result in pool.map(run_job, jobs):
+                    results.append(result)
+                    bar.update()
+    summary = summarise(results, config)
+    report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale),
+                  families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
+                                       scenes=vars(family_scenes(FAMILIES[name], config.scale)))
+                            for name in config.families},
+                  runs=results, summary=summary)
+    save_json(os.path.join(out, "results.json"), report)
+    save_text(os.path.join(out, "results.md"), to_markdown(report))
+    write_plot(report, os.path.join(out, "robustness.png"))
+    return report
+
+
+def summarise(results: list, config: SuiteConfig) -> dict:
+    """{family: {objective: {"plain"|"crf": {"mean", "spread", "seeds"}}}}."""
+    summary = {}
+    for name in config.families:
+        summary[name] = {}
+        for objective in config.objectives:
+            cells = [r for r in results if r["family"] == name and r["objective"] == objective]
+            summary[name][objective] = {key: _stats([r[key] for r in cells]) for key in ("plain", "crf")}
+    return summary
+
+
+def _stats(values: list) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return dict(mean=None, spread=None, seeds=0)
+    return dict(mean=sum(values) / len(values), spread=(max(values) - min(values)) / 2, seeds=len(values))
+
+
+def default_objective() -> Optional[str]:
+    """The objective of the preset a user reaches first (``synthetic-scribble``)."""
+    from .config import PRESETS
+    default = PRESETS["synthetic-scribble"].objective
+    for name, preset in OBJECTIVES.items():
+        if PRESETS[preset].objective == default:
+            return name
+    return None
+
+
+def _table(report: dict, key: str) -> list[str]:
+    summary = report["summary"]
+    objectives = list(next(iter(summary.values())))
+    default = default_objective()
+    heads = [f"**{o}** (default)" if o == default else o for o in objectives]
+    lines = ["| family | " + " | ".join(heads) + (f" | {default} - {BASELINE} |" if default in objectives and
+                                                  BASELINE in objectives else " |"),
+             "|---" * (len(objectives) + 2) + "|"]
+    for name, cells in summary.items():
+        row = [f"{cells[o][key]['mean']:.3f} ± {cells[o][key]['spread']:.3f}" if cells[o][key]["mean"] is not None
+               else "-" for o in objectives]
+        best = max((cells[o][key]["mean"] or 0) for o in objectives)
+        row = [f"**{text}**" if (cells[o][key]["mean"] or -1) == best else text for o, text in zip(objectives, row)]
+        margin = ""
+        if default in cells and BASELINE in cells and cells[default][key]["mean"] is not None:
+            margin = f"{100 * (cells[default][key]['mean'] - cells[BASELINE][key]['mean']):+.1f}"
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {margin} |")
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    config = report["config"]
+    lines = [f"Validation mIoU, mean ± half-range over seeds {config['seeds']}, {config['iterations']} iterations "
+             "per run (2-core CPU). Best per family in bold; the last column is the default preset's margin over "
+             "partial cross-entropy in points.", "", "With the dense CRF after the predictor (the presets' "
+             "evaluation):", ""]
+    lines += _table(report, "crf")
+    lines += ["", "The predictor alone (no CRF):", ""]
+    lines += _table(report, "plain")
+    lines += ["", "Families:", ""]
+    lines += [f"- **{name}**: {info['note'] or 'as named'}; {info['scenes']['train_images']} training / "
+              f"{info['scenes']['val_images']} validation images; trained on `{info['train_list']}`."
+              for name, info in report["families"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(report: dict, path: str) -> None:
+    """Grouped bars: per family, each objective's mean mIoU with CRF, spread as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from .io import atomic_path
+    summary = report["summary"]
+    families = list(summary)
+    objectives = list(next(iter(summary.values())))
+    width = 0.8 / len(objectives)
+    fig, axis = plt.subplots(figsize=(max(8, 1.3 * len(families)), 4))
+    for index, objective in enumerate(objectives):
+        means = [summary[f][objective]["crf"]["mean"] or 0 for f in families]
+        spreads = [summary[f][objective]["crf"]["spread"] or 0 for f in families]
+        axis.bar(np.arange(len(families)) + (index - len(objectives) / 2 + 0.5) * width, means, width,
+                 yerr=spreads, label=objective, capsize=2)
+    axis.set_xticks(np.arange(len(families)))
+    axis.set_xticklabels(families, rotation=25, ha="right", fontsize=7)
+    axis.set_ylabel("val mIoU (with CRF)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7, ncol=len(objectives))
+    fig.tight_layout()
+    with atomic_path(path) as temp:
+        fig.savefig(temp, dpi=90, format="png")
+    plt.close(fig)
