@@ -8,8 +8,9 @@ import sys
 
 def _add_bench(subparsers) -> None:
     from spml_fast.benchmarks.harness import SUITE_MODULES
-    bench = subparsers.add_parser("bench", help="benchmark suites: tiled kernels against the dense baseline")
-    bench.add_argument("suite", choices=[*SUITE_MODULES, "all"])
+    bench = subparsers.add_parser("bench", help="benchmark suites: tiled kernels against the dense baseline; "
+                                                "'kernels': the static kernel report (no GPU needed)")
+    bench.add_argument("suite", choices=[*SUITE_MODULES, "kernels", "all"])
     bench.add_argument("--quick", action="store_true", help="small shapes, about a minute")
     bench.add_argument("--json", metavar="FILE", help="write results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the markdown table")
@@ -21,8 +22,31 @@ def _add_bench(subparsers) -> None:
     bench.set_defaults(run=run_bench)
 
 
+def run_kernel_report(args) -> int:
+    """``bench kernels``: compile every kernel for sm_90a and sm_80 on the CPU and report its machine code."""
+    import json
+
+    from tqdm import tqdm
+
+    from spml_fast.benchmarks import kernel_report
+    from spml_fast.io import save_text
+    with tqdm(desc="compile", unit="kernel", file=sys.stderr) as bar:
+        reports = kernel_report.as_dicts(kernel_report.run(progress=lambda r: bar.update()))
+    environment = kernel_report.environment()
+    table = kernel_report.to_markdown(reports, environment)
+    print(table)
+    if args.json:
+        save_text(args.json, json.dumps(dict(environment=environment, kernels=reports), indent=1) + "\n")
+    if args.markdown:
+        save_text(args.markdown, table)
+    failed = [r for r in reports if r.get("error")]
+    return 1 if failed else 0
+
+
 def run_bench(args) -> int:
     import torch
+    if args.suite == "kernels":
+        return run_kernel_report(args)
     from tqdm import tqdm
 
     from spml_fast.benchmarks import report

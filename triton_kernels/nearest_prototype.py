@@ -12,11 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import GPU_BLOCKS, block_dim, dot, ieee_dot, load_rows, load_rows_transposed, tile_configs
+from .configs import nearest_config
+from .utils import block_dim, dot, ieee_dot, load_rows, load_rows_transposed
 
 
-@triton.autotune(configs=tile_configs({"BLOCK_N": 32, "BLOCK_M": 32}, GPU_BLOCKS),
-                 key=["D", "K_PAD", "HAS_GROUPS"])
 @triton.jit
 def nearest_prototype_kernel(
     embeddings, prototypes, pixel_groups, prototype_groups, values_out, indices_out,
@@ -70,11 +69,13 @@ def launch_nearest_prototype(embeddings, prototypes, k: int, pixel_groups=None, 
     values = torch.empty(num_pixels, k, device=embeddings.device, dtype=torch.float32)
     indices = torch.empty(num_pixels, k, device=embeddings.device, dtype=torch.int64)
     has_groups = pixel_groups is not None
-    grid = lambda meta: (triton.cdiv(num_pixels, meta["BLOCK_N"]),)
-    nearest_prototype_kernel[grid](
+    config = nearest_config(embeddings.device, block_dim(dim))
+    nearest_prototype_kernel[(triton.cdiv(num_pixels, config.block_n),)](
         embeddings, prototypes, pixel_groups if has_groups else values, prototype_groups if has_groups else values,
         values, indices, num_pixels, prototypes.shape[0], dim, k,
         embeddings.stride(0), embeddings.stride(1), prototypes.stride(0), prototypes.stride(1),
         HAS_GROUPS=has_groups, IEEE=ieee_dot(embeddings.dtype),
-        BLOCK_D=block_dim(dim), K_PAD=max(2, triton.next_power_of_2(k)))
+        BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_dim(dim),
+        K_PAD=max(2, triton.next_power_of_2(k)), num_warps=config.launch.num_warps,
+        num_stages=config.launch.num_stages)
     return values, indices

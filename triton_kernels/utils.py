@@ -1,5 +1,5 @@
-"""Shared Triton helpers: the similarity tile, the label-defined membership of
-a (pixel, segment) tile, the online log-sum-exp update, and tile configs."""
+"""Shared Triton helpers: tile loads, the float32-accumulating dot, and the
+label-defined membership of a masked (pixel, segment) tile."""
 from __future__ import annotations
 
 import os
@@ -15,23 +15,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # are exact in float32, so this matches the tensor-core result up to the
 # order of accumulation. Compiled GPU code is unaffected.
 UPCAST_DOT_OPERANDS: tl.constexpr = tl.constexpr(INTERPRET)
-
-
-def tile_configs(interpret_config: dict, gpu_blocks: list[tuple[int, int]]) -> list[triton.Config]:
-    """Autotune candidates: one small config under the interpreter (no tuning
-    runs there), otherwise every (BLOCK_N, BLOCK_M) with 4 / 8 warps."""
-    if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=1)]
-    configs = []
-    for block_n, block_m in gpu_blocks:
-        for warps in (4, 8):
-            for stages in (2, 3):
-                configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_M": block_m},
-                                             num_warps=warps, num_stages=stages))
-    return configs
-
-
-GPU_BLOCKS = [(64, 64), (128, 64), (64, 128), (128, 128)]
+LOG2E = 1.4426950408889634          # exp(x) = exp2(x * LOG2E): the kernels work in log2 units
 
 
 def block_dim(dim: int) -> int:
@@ -60,6 +44,12 @@ def load_rows_transposed(ptr, offs_rows, mask_rows, offs_d, mask_d, stride_row, 
 
 
 @triton.jit
+def load_tile(ptr, offs_rows, BLOCK_D: tl.constexpr):
+    """[ROWS, BLOCK_D] of a contiguous, padded [rows, BLOCK_D] matrix: no masks."""
+    return tl.load(ptr + offs_rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :])
+
+
+@triton.jit
 def dot(a, b, IEEE: tl.constexpr):
     """a @ b accumulated in float32."""
     if UPCAST_DOT_OPERANDS:
@@ -71,93 +61,53 @@ def dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def segment_membership(offs_n, mask_n, own_segment, offs_m, mask_m,
-                       pixel_labels, prototype_labels, num_words,
-                       pixel_groups, prototype_groups,
-                       SET_MODE: tl.constexpr, HAS_GROUPS: tl.constexpr):
-    """(positive, negative) bool masks of a [BLOCK_N, BLOCK_M] tile, SPEC §5.
-
-    The own segment of each pixel is excluded from both (the caller adds its
-    term), as are padding rows/columns and, with groups, other groups.
-    Labels are contiguous: [N] / [M] class ids, or [N, W] / [M, W] bit sets.
-    """
-    valid = (mask_n[:, None] & mask_m[None, :]) & (offs_m[None, :] != own_segment[:, None])
-    if HAS_GROUPS:
-        group_i = tl.load(pixel_groups + offs_n, mask=mask_n, other=-1)
-        group_s = tl.load(prototype_groups + offs_m, mask=mask_m, other=-1)
-        valid = valid & (group_i[:, None] == group_s[None, :])
-    if SET_MODE:
-        # shared != 0 iff the two class sets intersect; one 64-bit word at a time.
-        tags_i = tl.load(pixel_labels + offs_n * num_words, mask=mask_n, other=0)
-        tags_s = tl.load(prototype_labels + offs_m * num_words, mask=mask_m, other=0)
-        shared = tags_i[:, None] & tags_s[None, :]
-        for word in range(1, num_words):
-            tags_i = tl.load(pixel_labels + offs_n * num_words + word, mask=mask_n, other=0)
-            tags_s = tl.load(prototype_labels + offs_m * num_words + word, mask=mask_m, other=0)
-            shared = shared | (tags_i[:, None] & tags_s[None, :])
-        positive = valid & (shared != 0)
-        negative = valid & (shared == 0)
+def _outer(pixel_values, prototype_values, TRANSPOSED: tl.constexpr):
+    """Broadcast a pixel vector and a prototype vector to a tile: [pixels, prototypes], or
+    [prototypes, pixels] when TRANSPOSED (the dP kernel's layout)."""
+    if TRANSPOSED:
+        return pixel_values[None, :], prototype_values[:, None]
     else:
-        label_i = tl.load(pixel_labels + offs_n, mask=mask_n, other=-1)
-        label_s = tl.load(prototype_labels + offs_m, mask=mask_m, other=-1)
-        labelled = valid & (label_i[:, None] >= 0) & (label_s[None, :] >= 0)
-        positive = labelled & (label_i[:, None] == label_s[None, :])
-        negative = labelled & (label_i[:, None] != label_s[None, :])
-    return positive, negative
+        return pixel_values[:, None], prototype_values[None, :]
 
 
 @triton.jit
-def contrast_tile(pixel_tile, prototypes, offs_n, mask_n, own_segment, offs_m, mask_m, offs_d, mask_d,
-                  stride_pm, stride_pd, kappa, pixel_labels, prototype_labels, num_words,
-                  pixel_groups, prototype_groups,
-                  SET_MODE: tl.constexpr, HAS_GROUPS: tl.constexpr, IEEE: tl.constexpr):
-    """One step of every loss kernel's tile loop: load the prototype tile, compute
-    kappa * similarity [BLOCK_N, BLOCK_M] in float32 and the tile's membership.
-    Returns (logits, positive, negative, prototype_tile_t [BLOCK_D, BLOCK_M])."""
-    prototype_tile_t = load_rows_transposed(prototypes, offs_m, mask_m, offs_d, mask_d, stride_pm, stride_pd)
-    logits = dot(pixel_tile, prototype_tile_t, IEEE) * kappa
-    positive, negative = segment_membership(offs_n, mask_n, own_segment, offs_m, mask_m,
-                                            pixel_labels, prototype_labels, num_words,
-                                            pixel_groups, prototype_groups, SET_MODE, HAS_GROUPS)
-    return logits, positive, negative, prototype_tile_t
+def load_row_ranges(pixel_ranges, offs_n):
+    """Per pixel of a tile, from the plan (``pixel_ranges`` [n_pad, 5] int32): the own segment's sorted
+    position, the sorted range [lo, hi) of the segments it is contrasted with (its group; all
+    segments without groups), and the range of its positives (single-label mode)."""
+    row = pixel_ranges + offs_n * 5
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4))
 
 
 @triton.jit
-def load_pixel_stats(offs_n, mask_n, own_segment, lse_positive, lse_all, pixel_grad):
-    """Per-pixel inputs of the backward kernels: own segment, the forward's
-    log-sum-exps and the upstream gradient (scaled to [-1, 1])."""
-    own = tl.load(own_segment + offs_n, mask=mask_n, other=-1)
-    lse_pos = tl.load(lse_positive + offs_n, mask=mask_n, other=0.0)
-    lse_tot = tl.load(lse_all + offs_n, mask=mask_n, other=0.0)
-    upstream = tl.load(pixel_grad + offs_n, mask=mask_n, other=0.0)
-    return own, lse_pos, lse_tot, upstream
+def tile_membership(offs_n, offs_m, own, member_lo, member_hi, positive_lo, positive_hi,
+                    pixel_words, prototype_words,
+                    SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """(positive, negative) bool masks of a masked tile.
 
-
-@triton.jit
-def online_lse_update(running_max, running_sum, logits, member):
-    """Fold the members of one tile into a running (max, sum of exp(x - max)) per row.
-
-    Rows with no member so far keep max = -inf; the shift uses 0 there, so
-    every exp argument is <= 0 or -inf and nothing overflows or turns NaN.
-    """
-    masked = tl.where(member, logits, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(masked, axis=1))
-    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-    running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(masked - shift[:, None]), axis=1)
-    return new_max, running_sum
-
-
-@triton.jit
-def finish_lse(running_max, running_sum):
-    """log-sum-exp of the folded rows; -inf for a row without members (no log(0))."""
-    has_member = running_sum > 0
-    return tl.where(has_member, running_max + tl.log(tl.where(has_member, running_sum, 1.0)), float("-inf"))
-
-
-@triton.jit
-def contrastive_grad_tile(logits, positive, negative, lse_positive, lse_all):
-    """dL/dlogit of one tile for unit upstream gradient (own segment excluded):
-    softmax over S+ u S- minus softmax over S+, restricted to the members."""
-    p_all = tl.exp(tl.minimum(logits - lse_all[:, None], 0.0))
-    p_positive = tl.exp(tl.minimum(logits - lse_positive[:, None], 0.0))
-    return tl.where(positive | negative, p_all, 0.0) - tl.where(positive, p_positive, 0.0)
+    Segments are sorted by (group, label), so a pixel's partners are one
+    contiguous range of sorted segments, and in single-label mode so are its
+    positives: membership is the column index against per-row bounds (loaded
+    once per program), like a causal mask; the ragged edge lies outside
+    every range. In set mode the positives are the partners whose class set
+    intersects the pixel's (int32 words). Padded pixel rows have empty
+    ranges."""
+    column = offs_m.to(tl.int32)
+    own, index = _outer(own, column, TRANSPOSED)
+    lo, _ = _outer(member_lo, column, TRANSPOSED)
+    hi, _ = _outer(member_hi, column, TRANSPOSED)
+    partner = (index >= lo) & (index < hi) & (index != own)
+    if SET_MODE:
+        words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS),
+                                  tl.load(prototype_words + offs_m * NUM_WORDS), TRANSPOSED)
+        shared = words_i & words_s
+        for word in tl.static_range(1, NUM_WORDS):
+            words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS + word),
+                                      tl.load(prototype_words + offs_m * NUM_WORDS + word), TRANSPOSED)
+            shared = shared | (words_i & words_s)
+        same = shared != 0
+    else:
+        first, _ = _outer(positive_lo, column, TRANSPOSED)
+        last, _ = _outer(positive_hi, column, TRANSPOSED)
+        same = (index >= first) & (index < last)
+    return partner & same, partner & (same == 0)

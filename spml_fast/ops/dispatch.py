@@ -17,9 +17,9 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 # The Triton kernels hold a whole embedding row in one tile (BLOCK_D = next
-# power of two >= D); beyond this width the registers spill, so wider
-# embeddings take the tiled PyTorch path.
-MAX_TRITON_DIM = 512
+# power of two >= D); beyond this width the registers spill (the static
+# kernel report: dP at D = 512), so wider embeddings take the tiled PyTorch path.
+MAX_TRITON_DIM = 256
 
 
 # What "auto" resolves to inside ``use_backend`` (None: the rule above).

@@ -1,0 +1,281 @@
+"""Static kernel report: every Triton kernel of the library compiled for a
+GPU on the CPU (Triton's own ptxas), read back with Triton's cuobjdump.
+
+For each kernel x label mode x architecture x D, at the configuration the
+library pins for it (``triton_kernels/configs.py``): registers, spilled
+bytes (local memory), shared memory, and for each main tile loop (the
+outermost loops that hold a tensor-core instruction, in code order: the
+loss kernels' pass 1, unmasked, then pass 2, masked) the instructions per
+(pixel, segment) pair, the exps (MUFU) per pair and the tensor-core
+instructions per pair:
+
+    per pair = loop instructions / (BLOCK_N x BLOCK_M / (32 x num_warps))
+
+i.e. per pair one thread handles in one iteration. An H100/H200 SM issues
+128 simple instructions and 16 exps per clock, so a loop above 8 per pair
+is bound by issue, not by the exp unit. This judges every kernel change on
+machines without a GPU; ``tests/test_kernel_report.py`` holds the committed
+figures (``benchmarks/results/kernels.json``) as upper bounds.
+
+    spml-fast bench kernels --json benchmarks/results/kernels.json --markdown benchmarks/results/kernels.md
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+ARCHITECTURES = {"sm90": 90, "sm80": 80}
+# Groups (relation I) change the plan, not the kernels: "single" covers them.
+MODES = {"single": dict(SET_MODE=False, NUM_WORDS=1), "set": dict(SET_MODE=True, NUM_WORDS=1)}
+DIMS = (32, 64, 128, 256)
+TENSOR_CORE_OPS = ("HGMMA", "HMMA", "WGMMA")
+
+
+@dataclass
+class Loop:
+    instructions: int
+    per_pair: float
+    mufu_per_pair: float
+    tensor_core_per_pair: float
+    top_ops: list = field(default_factory=list)
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    mode: str
+    arch: str
+    dim: int
+    dtype: str
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    spill_bytes: int                    # local memory (LOCAL + STACK of cuobjdump -res-usage)
+    spill_instructions: int             # LDL / STL anywhere in the kernel
+    shared_bytes: int
+    loops: list                         # [Loop] in code order
+    error: Optional[str] = None
+
+
+def _tools():
+    import triton
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    cuobjdump = os.path.join(folder, "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        raise RuntimeError(f"cuobjdump not found in {folder}: this Triton build ships no NVIDIA tools")
+    return cuobjdump
+
+
+def _signature(fn, pointer_types: dict, constexprs: dict) -> tuple[dict, dict]:
+    signature, aligned = {}, []
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+            aligned.append(name)
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    return signature, attrs
+
+
+def compile_kernel(fn, pointer_types: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int):
+    """The compiled kernel (``.asm["cubin"]``) for ``arch`` (90 -> sm_90a, 80 -> sm_80)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", arch, 32)
+    signature, attrs = _signature(fn, pointer_types, constexprs)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                          target=target, options=options.__dict__)
+
+
+def read_sass(cubin: bytes) -> tuple[str, str]:
+    cuobjdump = _tools()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def main_loops(sass: str, pairs_per_thread: float) -> list[Loop]:
+    """The outermost loops holding a tensor-core instruction, in code order."""
+    code = [(int(match.group(1), 16), match.group(2).strip()) for match in
+            (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if match]
+    opcode = lambda text: re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+    loops = []
+    for address, text in code:
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    with_mma = [(start, end) for start, end in loops
+                if any(start <= a <= end and opcode(t) in TENSOR_CORE_OPS for a, t in code)]
+    outermost = [(s, e) for s, e in with_mma if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e)
+                                                         for s2, e2 in with_mma)]
+    result = []
+    for start, end in sorted(outermost):
+        body = [opcode(t) for a, t in code if start <= a <= end]
+        mix = collections.Counter(body)
+        tensor = sum(mix[op] for op in TENSOR_CORE_OPS)
+        result.append(Loop(len(body), round(len(body) / pairs_per_thread, 2), round(mix["MUFU"] / pairs_per_thread, 3),
+                           round(tensor / pairs_per_thread, 3), mix.most_common(6)))
+    return result
+
+
+def _resources(usage: str, sass: str) -> dict:
+    field = lambda name: int(match.group(1)) if (match := re.search(name + r":(\d+)", usage)) else 0
+    spills = sum(1 for line in sass.splitlines() if re.search(r"\b(LDL|STL)\b", line))
+    return dict(registers=field("REG"), spill_bytes=field("LOCAL") + field("STACK"), spill_instructions=spills,
+                shared_bytes=field("SHARED"))
+
+
+def _loss_pointers(dtype: str) -> dict:
+    element = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
+    pointers = dict(embeddings=element, prototypes=element, pixel_ranges="*i32", pixel_words="*i32",
+                    prototype_words="*i32", row_ptr="*i32",
+                    row_split="*i32", row_entries="*i32", col_ptr="*i32", col_split="*i32", col_entries="*i32")
+    for name in ("max_out", "positive_out", "negative_out", "row_stats", "grad_out", "partial_out"):
+        pointers[name] = "*fp32"
+    return pointers
+
+
+def loss_kernels():
+    from spml_fast.triton_kernels.pixel_segment_bwd import grad_embeddings_kernel, grad_prototypes_kernel
+    from spml_fast.triton_kernels.pixel_segment_fwd import pixel_segment_lse_kernel
+    return {"forward": (pixel_segment_lse_kernel, "forward"),
+            "grad_embeddings": (grad_embeddings_kernel, "grad_embeddings"),
+            "grad_prototypes": (grad_prototypes_kernel, "grad_prototypes")}
+
+
+def report_loss_kernel(name: str, mode: str, arch: str, dim: int, dtype: str = "bfloat16") -> KernelReport:
+    from spml_fast.triton_kernels.configs import CONTRAST, _lookup
+    from spml_fast.triton_kernels.utils import block_dim
+    fn, launch_name = loss_kernels()[name]
+    block_d = block_dim(dim)
+    config = _lookup(CONTRAST, arch, block_d)
+    launch = getattr(config, launch_name)
+    constexprs = dict(MODES[mode], IEEE=dtype == "float32", BLOCK_N=config.block_n, BLOCK_M=config.block_m,
+                      BLOCK_D=block_d)
+    base = dict(kernel=name, mode=mode, arch=arch, dim=dim, dtype=dtype, block_n=config.block_n,
+                block_m=config.block_m, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    try:
+        compiled = compile_kernel(fn if hasattr(fn, "arg_names") else fn.fn, _loss_pointers(dtype), constexprs,
+                                  ARCHITECTURES[arch], launch.num_warps, launch.num_stages)
+        usage, sass = read_sass(compiled.asm["cubin"])
+    except Exception as error:  # a kernel that does not compile is reported, and the test fails on it
+        return KernelReport(**base, registers=0, spill_bytes=0, spill_instructions=0, shared_bytes=0, loops=[],
+                            error=f"{type(error).__name__}: {error}"[:500])
+    resources = _resources(usage, sass)
+    resources["shared_bytes"] = max(resources["shared_bytes"], compiled.metadata.shared)
+    pairs = config.block_n * config.block_m / (32 * launch.num_warps)
+    return KernelReport(**base, **resources, loops=main_loops(sass, pairs))
+
+
+def report_nearest_kernel(arch: str, dim: int, dtype: str = "bfloat16") -> KernelReport:
+    from spml_fast.triton_kernels.configs import NEAREST, _lookup
+    from spml_fast.triton_kernels.nearest_prototype import nearest_prototype_kernel
+    from spml_fast.triton_kernels.utils import block_dim
+    element = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
+    config = _lookup(NEAREST, arch, block_dim(dim))
+    constexprs = dict(HAS_GROUPS=False, IEEE=dtype == "float32", BLOCK_N=config.block_n, BLOCK_M=config.block_m,
+                      BLOCK_D=block_dim(dim), K_PAD=32)
+    pointers = dict(embeddings=element, prototypes=element, pixel_groups="*i64", prototype_groups="*i64",
+                    values_out="*fp32", indices_out="*i64")
+    fn = nearest_prototype_kernel
+    compiled = compile_kernel(fn if hasattr(fn, "arg_names") else fn.fn, pointers, constexprs, ARCHITECTURES[arch],
+                              config.launch.num_warps, config.launch.num_stages)
+    usage, sass = read_sass(compiled.asm["cubin"])
+    pairs = config.block_n * config.block_m / (32 * config.launch.num_warps)
+    return KernelReport("nearest_prototype", "top-20", arch, dim, dtype, config.block_n, config.block_m,
+                        config.launch.num_warps, config.launch.num_stages, **_resources(usage, sass),
+                        loops=main_loops(sass, pairs))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def report_cases(cases: list[tuple]) -> list[dict]:
+    """[(kernel, mode, arch, dim)] -> report dicts. Under TRITON_INTERPRET=1 the kernels are interpreter
+    objects that cannot be compiled: the cases are then compiled in a child process without it."""
+    if not interpreting():
+        return [asdict(report_loss_kernel(*case)) for case in cases]
+    import json
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    result = subprocess.run([sys.executable, "-m", "spml_fast.benchmarks.kernel_report", json.dumps(cases)],
+                            capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"kernel report subprocess failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run(architectures=tuple(ARCHITECTURES), dims=DIMS, modes=tuple(MODES), kernels=None,
+        progress=None) -> list[KernelReport]:
+    if interpreting():
+        raise RuntimeError("the static kernel report compiles real GPU code: run it without TRITON_INTERPRET=1")
+    reports = []
+    for arch in architectures:
+        for dim in dims:
+            for mode in modes:
+                for name in kernels or loss_kernels():
+                    reports.append(report_loss_kernel(name, mode, arch, dim))
+                    if progress:
+                        progress(reports[-1])
+        reports.append(report_nearest_kernel(arch, 64))
+        if progress:
+            progress(reports[-1])
+    return reports
+
+
+def _loop_cell(loop: Optional[dict]) -> str:
+    if loop is None:
+        return "-"
+    return f"{loop['per_pair']:.1f} / {loop['mufu_per_pair']:.2f} / {loop['tensor_core_per_pair']:.3f}"
+
+
+def to_markdown(reports: list[dict], environment: dict) -> str:
+    lines = [f"Static kernel report ({environment.get('triton', '')}; compiled on the CPU, bfloat16 inputs). "
+             "Per (pixel, segment) pair and thread: instructions / MUFU (exp) / tensor-core instructions "
+             "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = masked tiles.", "",
+             "| kernel | mode | arch | D | tile | warps/stages | registers | spills (B / LDL+STL) | shared B | pass 1 | "
+             "pass 2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        loops = r["loops"]
+        if r.get("error"):
+            lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | - | - | error: "
+                         f"{r['error'][:80]} | | | | |")
+            continue
+        lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | {r['block_n']}x{r['block_m']} | "
+                     f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} / {r['spill_instructions']} | "
+                     f"{r['shared_bytes']} | {_loop_cell(loops[0] if loops else None)} | "
+                     f"{_loop_cell(loops[1] if len(loops) > 1 else None)} |")
+    return "\n".join(lines) + "\n"
+
+
+def environment() -> dict:
+    import triton
+    return dict(triton=f"triton {triton.__version__}")
+
+
+def as_dicts(reports: list[KernelReport]) -> list[dict]:
+    return [asdict(r) for r in reports]
+
+
+if __name__ == "__main__":      # child process of ``report_cases``: JSON cases in, JSON reports out
+    import json
+    import sys
+    print(json.dumps(report_cases([tuple(case) for case in json.loads(sys.argv[1])])))

@@ -1,0 +1,62 @@
+"""The static kernel report (benchmarks/kernel_report.py) as a test: the loss
+kernels compiled for sm_90a and sm_80 on this CPU at their pinned configs
+must not spill, and their main loops must not grow past the committed
+figures (benchmarks/results/kernels.json) nor past the bars the kernels were
+rewritten to meet (sm_90a: forward unmasked <= 8 instructions and <= 1.05
+exps per pair, masked <= 35; backward unmasked <= 14 and <= 1.05)."""
+import json
+import os
+
+import pytest
+
+kernel_report = pytest.importorskip("spml_fast.benchmarks.kernel_report")
+
+COMMITTED = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "kernels.json")
+BARS = {  # (unmasked instructions, unmasked exps, masked instructions) per pair, sm_90a
+    "forward": (8.0, 1.05, 35.0), "grad_embeddings": (14.0, 1.05, None), "grad_prototypes": (14.0, 1.05, None)}
+CASES = [(kernel, mode, arch, dim) for arch, dims in (("sm90", (64, 128)), ("sm80", (64,)))
+         for dim in dims for mode in ("single", "set") for kernel in BARS]
+
+
+def _tools_missing() -> bool:
+    try:
+        kernel_report._tools()
+        return False
+    except RuntimeError:
+        return True
+
+
+pytestmark = pytest.mark.skipif(_tools_missing(), reason="this Triton build ships no ptxas/cuobjdump")
+
+
+def _committed(kernel, mode, arch, dim):
+    with open(COMMITTED) as handle:
+        for entry in json.load(handle)["kernels"]:
+            if (entry["kernel"], entry["mode"], entry["arch"], entry["dim"]) == (kernel, mode, arch, dim):
+                return entry
+    raise AssertionError(f"no committed figures for {kernel} {mode} {arch} D={dim}: re-run `spml-fast bench kernels`")
+
+
+@pytest.fixture(scope="module")
+def reports():
+    """All cases compiled once (in a child process when the tests run under the interpreter)."""
+    return {tuple(case): report for case, report in zip(CASES, kernel_report.report_cases(CASES))}
+
+
+@pytest.mark.parametrize("kernel,mode,arch,dim", CASES)
+def test_kernel_machine_code(reports, kernel, mode, arch, dim):
+    report = reports[(kernel, mode, arch, dim)]
+    assert report["error"] is None, report["error"]
+    assert report["spill_bytes"] == 0 and report["spill_instructions"] == 0, "registers spill"
+    assert len(report["loops"]) == 2, "expected the unmasked and the masked tile loop"
+    committed = _committed(kernel, mode, arch, dim)
+    assert (report["block_n"], report["block_m"], report["num_warps"]) == (
+        committed["block_n"], committed["block_m"], committed["num_warps"]), "pinned config changed: re-run the report"
+    for loop, before in zip(report["loops"], committed["loops"]):
+        assert loop["per_pair"] <= before["per_pair"] + 0.05, f"loop grew: {loop['per_pair']} > {before['per_pair']}"
+        assert loop["mufu_per_pair"] <= before["mufu_per_pair"] + 1e-3
+    if arch == "sm90":
+        unmasked, exps, masked = BARS[kernel]
+        assert report["loops"][0]["per_pair"] <= unmasked and report["loops"][0]["mufu_per_pair"] <= exps
+        if masked is not None:
+            assert report["loops"][1]["per_pair"] <= masked

@@ -1,0 +1,169 @@
+"""The Triton kernels' visit plan (ops/contrast_plan.py) and the kernels run on
+it: tile kinds, counts, the relation-I saving, and both kernel loops against
+the dense reference on batches shaped like SPML's (segments of one label,
+images as groups), so that uniform, masked and skipped tiles all occur."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import NEEDS_TRITON, device_for
+from spml_fast import pixel_segment_loss
+from spml_fast.ops.contrast_plan import MASKED, NEGATIVE, POSITIVE, build_plan
+from spml_fast.ops.membership import membership
+from spml_fast.ops.reference import pixel_segment_loss_dense
+
+
+def spml_batch(images=4, pixels_per_image=128, segments_per_image=64, classes=3, dim=16, set_mode=False,
+               unlabelled=0.0, seed=0, device="cpu"):
+    """Pixels grouped into segments; a segment's pixels share its label; groups = images."""
+    gen = torch.Generator().manual_seed(seed)
+    num_segments = images * segments_per_image
+    segment_image = torch.arange(num_segments) // segments_per_image
+    segment_label = torch.randint(0, classes, (num_segments,), generator=gen)
+    segment = torch.cat([i * segments_per_image + torch.randint(0, segments_per_image, (pixels_per_image,),
+                                                                generator=gen) for i in range(images)])
+    pixel_label = segment_label[segment].clone()
+    pixel_label[torch.rand(segment.shape[0], generator=gen) < unlabelled] = -1
+    if set_mode:   # image tag sets: bits of the classes of the image's segments
+        tags = torch.zeros(images, 1, dtype=torch.int64)
+        for s in range(num_segments):
+            tags[segment_image[s], 0] |= 1 << int(segment_label[s])
+        pixel_labels, prototype_labels = tags[segment // segments_per_image], tags[segment_image]
+    else:
+        pixel_labels, prototype_labels = pixel_label, segment_label
+    embeddings = F.normalize(torch.randn(segment.shape[0], dim, generator=gen), dim=1)
+    prototypes = F.normalize(torch.randn(num_segments, dim, generator=gen), dim=1)
+    groups = dict(pixel_groups=segment // segments_per_image, prototype_groups=segment_image)
+    to = lambda t: t.to(device)
+    return (to(embeddings), to(prototypes), to(segment), to(pixel_labels), to(prototype_labels),
+            {k: to(v) for k, v in groups.items()})
+
+
+def _kinds(plan):
+    """[tiles_n, tiles_m] kinds rebuilt from the visit lists (tests only)."""
+    tiles_n, tiles_m = plan.row_ptr.shape[0] - 1, plan.col_ptr.shape[0] - 1
+    kinds = torch.zeros(tiles_n, tiles_m, dtype=torch.int64)
+    for row in range(tiles_n):
+        start, split, end = int(plan.row_ptr[row]), int(plan.row_split[row]), int(plan.row_ptr[row + 1])
+        for visit in range(start, end):
+            entry = int(plan.row_entries[visit])
+            kinds[row, entry >> 1] = MASKED if visit >= split else (POSITIVE if entry & 1 else NEGATIVE)
+    return kinds
+
+
+@pytest.mark.parametrize("set_mode", [False, True])
+@pytest.mark.parametrize("with_groups", [False, True])
+def test_plan_kinds_and_counts_match_brute_force(set_mode, with_groups):
+    embeddings, prototypes, segment, pixel_labels, prototype_labels, groups = spml_batch(
+        set_mode=set_mode, unlabelled=0.3)
+    groups = groups if with_groups else dict(pixel_groups=None, prototype_groups=None)
+    plan = build_plan(segment, pixel_labels, prototype_labels, groups["pixel_groups"], groups["prototype_groups"],
+                      16, 16)
+    rows, kept = plan.pixel_rows, plan.prototype_rows
+    positive, negative = membership(pixel_labels[rows], prototype_labels[kept],
+                                    None if not with_groups else groups["pixel_groups"][rows],
+                                    None if not with_groups else groups["prototype_groups"][kept])
+    own = (kept[None, :] == segment[rows][:, None])
+    positive, negative = positive & ~own, negative & ~own
+    assert torch.equal(plan.positive_count, positive.sum(1))
+    assert torch.equal(plan.negative_count, negative.sum(1))
+    # in the kernels' padded order: every uniform tile is entirely what its kind says, and no member pair
+    # lies in a skipped tile (empty slots are members of nothing)
+    def in_slots(mask):
+        out = torch.zeros(plan.n_pad, plan.m_pad, dtype=torch.bool)
+        out[plan.pixel_slots[:, None], plan.prototype_slots[None, :]] = mask
+        return out
+    positive, negative = in_slots(positive), in_slots(negative)
+    kinds = _kinds(plan)
+    for row in range(kinds.shape[0]):
+        for col in range(kinds.shape[1]):
+            block = (slice(16 * row, 16 * row + 16), slice(16 * col, 16 * col + 16))
+            if kinds[row, col] == POSITIVE:
+                assert bool(positive[block].all()) and positive[block].numel() == 256
+            elif kinds[row, col] == NEGATIVE:
+                assert bool(negative[block].all()) and negative[block].numel() == 256
+            elif kinds[row, col] != MASKED:
+                assert not bool((positive[block] | negative[block]).any())
+    assert plan.uniform_tiles > 0 and plan.masked_tiles > 0
+    if with_groups:
+        assert (kinds == 0).any()                      # other images' tiles are skipped
+
+
+def test_relation_image_visits_a_sixth_of_a_dense_sweep():
+    """Relation I of 8 images (about 16k pixels and 300 segments each) at the GPU tile sizes: a pixel
+    tile visits only its own image's prototype tiles."""
+    gen = torch.Generator().manual_seed(0)
+    images, pixels, segments = 8, 16384, 300
+    segment = torch.cat([i * segments + torch.randint(0, segments, (pixels,), generator=gen) for i in range(images)])
+    region = torch.randint(0, 60, (images * segments,), generator=gen) + 60 * (torch.arange(images * segments)
+                                                                               // segments)
+    plan = build_plan(segment, region[segment], region, segment // segments, torch.arange(images * segments) // segments,
+                      64, 128)
+    assert plan.visited_fraction <= 1 / 6, plan.describe()
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("set_mode", [False, True])
+@pytest.mark.parametrize("with_groups", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernels_on_spml_batches_match_dense(set_mode, with_groups, dtype):
+    device = device_for("triton")
+    embeddings, prototypes, segment, pixel_labels, prototype_labels, groups = spml_batch(
+        set_mode=set_mode, unlabelled=0.2, device=device)
+    groups = groups if with_groups else {}
+    e, p = embeddings.to(dtype).clone().requires_grad_(), prototypes.to(dtype).clone().requires_grad_()
+    loss = pixel_segment_loss(e, p, segment, pixel_labels, prototype_labels, kappa=12.0, backend="triton", **groups)
+    loss.backward()
+    # the reference sees the same (rounded) inputs, in float64
+    e64, p64 = e.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    expected = pixel_segment_loss_dense(e64, p64, segment, pixel_labels, prototype_labels, kappa=12.0, **groups)
+    expected.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(e.grad.double(), e64.grad.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(p.grad.double(), p64.grad.double(), rtol=tolerance, atol=tolerance)
+
+
+@NEEDS_TRITON
+def test_underflowing_set_is_recomputed_exactly(monkeypatch):
+    """kappa = 64: a pixel's positives lie ~128 nats below its negatives, past float32's range under
+    one shared max; the kernels flag the set and the exact fallback recomputes it."""
+    device = device_for("triton")
+    dim = 8
+    axis = F.normalize(torch.ones(dim), dim=0)
+    embeddings = axis.expand(20, dim).clone()
+    prototypes = torch.cat([-axis.expand(6, dim), axis.expand(26, dim)])          # positives opposite the pixels
+    prototypes = F.normalize(prototypes + 0.01 * torch.randn(32, dim, generator=torch.Generator().manual_seed(1)),
+                             dim=1)
+    prototype_labels = torch.tensor([0] * 6 + [1] * 26)
+    pixel_labels = torch.zeros(20, dtype=torch.int64)
+    segment = torch.zeros(20, dtype=torch.int64)
+    args = [t.to(device) for t in (embeddings, prototypes, segment, pixel_labels, prototype_labels)]
+    module = importlib.import_module("spml_fast.ops.pixel_segment_loss")
+    recomputed = []
+    exact = module._exact_set_lse
+    monkeypatch.setattr(module, "_exact_set_lse", lambda *a: recomputed.append(a[-1].numel()) or exact(*a))
+    got = pixel_segment_loss(*args, kappa=64.0, reduction="none", backend="triton")
+    assert recomputed == [20]                                   # every pixel's positive set underflowed
+    expected = pixel_segment_loss_dense(*[a.double() if a.is_floating_point() else a for a in args], kappa=64.0,
+                                        reduction="none")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-4)
+
+
+@NEEDS_TRITON
+def test_same_bits_twice():
+    """Pinned configs, a fixed visit order and no atomics: two calls give identical bits."""
+    device = device_for("triton")
+    embeddings, prototypes, segment, pixel_labels, prototype_labels, groups = spml_batch(device=device)
+    results = []
+    for _ in range(2):
+        e, p = embeddings.clone().requires_grad_(), prototypes.clone().requires_grad_()
+        loss = pixel_segment_loss(e, p, segment, pixel_labels, prototype_labels, kappa=10.0, backend="triton",
+                                  **groups)
+        loss.backward()
+        results.append((loss.detach(), e.grad, p.grad))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
