@@ -72,3 +72,40 @@ def test_affinity_sets():
     assert sets[1, 0] == 1 << 2                      # most similar labelled segment of its image: class 2
     assert sets[2, 0] == 0b1111                      # none similar enough: all classes
     assert sets[3, 0] == 1 << 1                      # itself
+
+
+def test_each_relation_is_the_dense_loss_with_its_labels_groups_and_concentration():
+    """Relation I contrasts over-segmentation regions within each image (groups = images), C labelled
+    segments of the batch and the memory bank, O image tag sets, A the affinity sets; each with its own
+    kappa. Removing I's groups, or swapping a relation's labels or kappa, must change the value."""
+    from spml_fast.ops.reference import pixel_segment_loss_dense
+    from spml_fast.relations import BankSegments
+    embeddings, label, overseg, valid, tags = batch()
+    segments = make_segments(embeddings, label, overseg, valid, tags, num_classes=4, grid=2, iterations=3)
+    config = RelationConfig(kappa_image=16.0, kappa_semantic=6.0, kappa_cooccurrence=12.0, weight_affinity=0.5,
+                            kappa_affinity=9.0, memory_bank=2)
+    bank = MemoryBank(2)
+    _, local = relation_losses(segments, bank, config, 4, torch.arange(2))
+    bank.push(BankSegments(F.normalize(torch.randn_like(local.prototypes), dim=1), local.label, local.tags,
+                           local.image + 100))
+    losses, _ = relation_losses(segments, bank, config, 4, torch.arange(2) + 2)
+    e, p, seg = segments.embeddings, segments.prototypes, segments.segment
+    everyone = torch.cat([p, bank.segments()[0].prototypes])
+    expected_i = pixel_segment_loss_dense(e, p, seg, segments.pixel_region, segments.segment_region, 16.0,
+                                          segments.pixel_image, segments.segment_image)
+    labels_all = torch.cat([segments.segment_label, bank.segments()[0].label])
+    tags_all = torch.cat([segments.segment_tags, bank.segments()[0].tags])
+    expected_c = pixel_segment_loss_dense(e, everyone, seg, segments.pixel_label, labels_all, 6.0)
+    expected_o = pixel_segment_loss_dense(e, everyone, seg, segments.pixel_tags, tags_all, 12.0)
+    images_all = torch.cat([segments.segment_image + 2, bank.segments()[0].image])
+    sets = affinity_sets(everyone, labels_all, images_all, 4, config.affinity_threshold, config.affinity_topk)
+    expected_a = pixel_segment_loss_dense(e, everyone, seg, sets[seg], sets, 9.0)
+    for name, expected in (("I", expected_i), ("C", expected_c), ("O", expected_o), ("A", expected_a)):
+        torch.testing.assert_close(losses[name], expected, rtol=1e-5, atol=1e-6, msg=f"relation {name}")
+    # the test can fail: each wiring mistake gives another value
+    without_groups = pixel_segment_loss_dense(e, p, seg, segments.pixel_region, segments.segment_region, 16.0)
+    wrong_kappa = pixel_segment_loss_dense(e, everyone, seg, segments.pixel_label, labels_all, 12.0)
+    without_bank = pixel_segment_loss_dense(e, p, seg, segments.pixel_label, segments.segment_label, 6.0)
+    assert abs(float(without_groups) - float(expected_i.detach())) > 1e-3
+    assert abs(float(wrong_kappa.detach()) - float(expected_c.detach())) > 1e-3
+    assert abs(float(without_bank.detach()) - float(expected_c.detach())) > 1e-4

@@ -1,0 +1,197 @@
+"""Objectives beyond SPML's relations: the tree-energy loss (TEL), the
+Gaussian-mixture loss (AGMM), how a run's objective combines its terms, and
+the cosine class head; each core computation against a small reference."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spml_fast.losses import (GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, mixture_targets,
+                              spanning_forest, tree_energy_loss, tree_filter)
+from spml_fast.losses.tree_energy import _grid_edges, edge_distances
+from spml_fast.models import LinearClassifier
+from spml_fast.objective import ObjectiveConfig
+
+
+def kruskal_weight(weights: np.ndarray, height: int, width: int) -> float:
+    """Total weight of a minimum spanning tree of the grid, by Kruskal with union-find."""
+    first, second = _grid_edges(height, width)
+    parent = list(range(height * width))
+
+    def root(node):
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+    total = 0.0
+    for edge in np.argsort(weights, kind="stable"):
+        a, b = root(first[edge]), root(second[edge])
+        if a != b:
+            parent[a] = b
+            total += weights[edge]
+    return total
+
+
+def tree_edges(forest, nodes):
+    return [(int(i), int(forest.parent[i])) for i in range(nodes) if int(forest.parent[i]) != i]
+
+
+def test_spanning_forest_is_a_minimum_spanning_tree_per_image():
+    gen = torch.Generator().manual_seed(0)
+    height, width = 5, 6
+    features = torch.rand(2, 3, height, width, generator=gen)
+    distances = edge_distances(features, torch.ones(2, height, width, dtype=torch.bool))
+    forest = spanning_forest(distances, height, width)
+    nodes = height * width
+    for image in range(2):
+        edges = [(a - image * nodes, b - image * nodes) for a, b in tree_edges(forest, 2 * nodes)
+                 if image * nodes <= a < (image + 1) * nodes]
+        assert len(edges) == nodes - 1                                     # a tree: N - 1 edges, one root
+        flat = features[image].reshape(3, -1)
+        weight = sum(float((flat[:, a] - flat[:, b]).norm()) for a, b in edges)
+        assert weight == pytest.approx(kruskal_weight(distances[image].numpy(), height, width), rel=1e-6)
+    depth_order = torch.cat(forest.levels)
+    assert sorted(depth_order.tolist()) == sorted(set(range(2 * nodes)) - {0, nodes})   # every non-root once
+
+
+def test_tree_filter_matches_path_products():
+    """filtered_i = sum_j A(i, j) v_j / sum_j A(i, j), A the product of edge affinities on the tree path."""
+    gen = torch.Generator().manual_seed(1)
+    height, width = 4, 5
+    nodes = height * width
+    features = torch.rand(1, 2, height, width, generator=gen)
+    forest = spanning_forest(edge_distances(features, torch.ones(1, height, width, dtype=torch.bool)), height, width)
+    affinity = torch.rand(nodes, generator=gen) * 0.9 + 0.05
+    values = torch.rand(nodes, 3, generator=gen)
+    got = tree_filter(values, forest, affinity)
+    neighbours = {i: [] for i in range(nodes)}
+    for child, parent in tree_edges(forest, nodes):
+        neighbours[child].append((parent, float(affinity[child])))
+        neighbours[parent].append((child, float(affinity[child])))
+    expected = torch.zeros(nodes, 3, dtype=torch.float64)
+    for source in range(nodes):
+        weight = {source: 1.0}
+        stack = [source]
+        while stack:                                          # products along the unique tree paths
+            node = stack.pop()
+            for other, edge in neighbours[node]:
+                if other not in weight:
+                    weight[other] = weight[node] * edge
+                    stack.append(other)
+        total = sum(weight.values())
+        expected[source] = sum(w * values[j].double() for j, w in weight.items()) / total
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tree_energy_is_zero_for_region_constant_predictions_and_cuts_at_padding():
+    height, width = 6, 6
+    colours = torch.zeros(1, 3, height, width)
+    colours[:, :, :, 3:] = 1.0                                 # two flat regions, a sharp colour edge
+    embeddings = F.normalize(colours.clone() + torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1), dim=1)
+    probabilities = torch.zeros(1, 2, height, width)
+    probabilities[:, 0, :, :3], probabilities[:, 1, :, 3:] = 1.0, 1.0
+    unlabelled = torch.ones(1, height, width, dtype=torch.bool)
+    valid = torch.ones_like(unlabelled)
+    config = TreeEnergyConfig(colour_sigma=0.05, feature_sigma=0.05)
+    assert float(tree_energy_loss(probabilities, colours, embeddings, unlabelled, valid, config)) < 1e-3
+    # a prediction that ignores the edge is pulled towards each side's own mean: a positive loss
+    flipped = probabilities.clone()
+    flipped[:, :, 0, 0] = torch.tensor([0.0, 1.0])
+    flipped.requires_grad_()
+    loss = tree_energy_loss(flipped, colours, embeddings, unlabelled, valid, config)
+    loss.backward()
+    assert float(loss.detach()) > 0.01 and flipped.grad[0, :, 0, 0].abs().sum() > 0
+    # no unlabelled pixel: zero
+    assert float(tree_energy_loss(probabilities, colours, embeddings, ~unlabelled, valid, config)) == 0.0
+
+
+def brute_force_targets(features, labels, classes, min_std):
+    batch, pixels, _ = features.shape
+    targets = torch.zeros(batch, pixels, classes, dtype=torch.float64)
+    for image in range(batch):
+        responses = {}
+        for cls in range(classes):
+            members = features[image][labels[image] == cls].double()
+            if members.shape[0] == 0:
+                continue
+            mean = members.mean(0)
+            std = members.std(0, unbiased=False).clamp(min=min_std)
+            responses[cls] = torch.exp(-0.5 * (((features[image].double() - mean) / std) ** 2).mean(1))
+        if responses:
+            total = sum(responses.values())
+            for cls, response in responses.items():
+                targets[image, :, cls] = response / total
+    return targets
+
+
+def test_mixture_targets_match_a_per_image_loop():
+    gen = torch.Generator().manual_seed(2)
+    features = torch.rand(3, 40, 5, generator=gen)
+    labels = torch.randint(-1, 4, (3, 40), generator=gen)
+    labels[2] = -1                                              # an image without labels: no targets
+    targets, has_component = mixture_targets(features, labels, 4, min_std=0.05)
+    torch.testing.assert_close(targets.double(), brute_force_targets(features, labels, 4, 0.05), rtol=1e-4,
+                               atol=1e-5)
+    assert has_component.tolist() == [True, True, False]
+
+
+def test_gaussian_mixture_loss_uses_unlabelled_pixels_only():
+    gen = torch.Generator().manual_seed(3)
+    probabilities = torch.rand(2, 3, 4, 4, generator=gen).softmax(1).requires_grad_()
+    embeddings = F.normalize(torch.randn(2, 6, 4, 4, generator=gen), dim=1)
+    colours = torch.rand(2, 3, 4, 4, generator=gen)
+    labels = torch.full((2, 4, 4), -1)
+    labels[:, 0, :2], labels[:, 3, 2:] = 0, 2
+    valid = torch.ones(2, 4, 4, dtype=torch.bool)
+    loss = gaussian_mixture_loss(probabilities, embeddings, colours, labels, valid, GaussianMixtureConfig())
+    loss.backward()
+    assert float(loss.detach()) > 0
+    assert probabilities.grad[:, :, 0, :2].abs().sum() == 0 and probabilities.grad[:, :, 1:3].abs().sum() > 0
+
+
+def test_objective_validation():
+    with pytest.raises(ValueError, match="no term"):
+        ObjectiveConfig(relations=0.0)
+    with pytest.raises(ValueError, match="partial_ce"):
+        ObjectiveConfig(relations=0.0, tree_energy=0.4)
+    assert ObjectiveConfig(relations=0.0, partial_ce=1.0).has_head and not ObjectiveConfig().has_head
+
+
+@pytest.mark.parametrize("preset,terms", [
+    ("synthetic-scribble-pce", {"partial_ce"}), ("synthetic-scribble-spml", {"I", "C", "O"}),
+    ("synthetic-scribble-hybrid", {"partial_ce", "I", "C", "O"}), ("synthetic-scribble-tel", {"partial_ce", "tree_energy"}),
+    ("synthetic-scribble-agmm", {"partial_ce", "gaussian_mixture"}),
+    ("synthetic-scribble-hybrid-tel", {"partial_ce", "tree_energy", "I", "C", "O"})])
+def test_training_step_sums_the_weighted_terms(preset, terms):
+    from spml_fast.config import PRESETS, apply_overrides
+    from spml_fast.relations import MemoryBank, weighted_total
+    from spml_fast.train import SpmlModel, training_step
+    config = apply_overrides(PRESETS[preset], {"model.width": 8, "model.embedding_dim": 8, "kmeans_grid": 2})
+    torch.manual_seed(0)
+    model = SpmlModel(config, 4)
+    label = torch.full((2, 32, 32), 255)
+    label[:, 4:8, 4:20], label[:, 20:24, 4:20], label[:, 12:14, 24:30] = 1, 2, 0
+    batch = dict(image=torch.randn(2, 3, 32, 32), label=label,
+                 overseg=(torch.arange(32)[None, :, None] // 8 * 4 + torch.arange(32)[None, None, :] // 8).expand(
+                     2, -1, -1).clone(),
+                 valid=torch.ones(2, 32, 32, dtype=torch.bool), tags=torch.tensor([[0b110], [0b100]]))
+    total, values, _ = training_step(model, batch, config, MemoryBank(0), 4, torch.arange(2))
+    assert set(values) == terms
+    objective = config.objective
+    expected = sum(getattr(objective, name) * values[name] for name in ("partial_ce", "tree_energy",
+                                                                        "gaussian_mixture") if name in values)
+    relation_weights = {"I": config.relations.weight_image, "C": config.relations.weight_semantic,
+                        "O": config.relations.weight_cooccurrence}
+    expected += objective.relations * sum(relation_weights[n] * values[n] for n in relation_weights if n in values)
+    assert float(total.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_cosine_head_folds_into_a_linear_head():
+    torch.manual_seed(0)
+    head = LinearClassifier(8, 5, scale=10.0)
+    embeddings = F.normalize(torch.randn(2, 8, 3, 4), dim=1)
+    logits = head(embeddings)
+    assert logits.abs().max() <= 10.0 + 1e-5                  # |logit| <= scale on unit embeddings
+    torch.testing.assert_close(head.folded()(embeddings), logits, rtol=1e-5, atol=1e-5)
