@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench gpu-check venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/spml-fast bench loss
+
+# On a machine with an NVIDIA GPU: GPU tests, compile times, loss and train-step benchmarks, and a report
+# under benchmarks/results/<device>.md (about 6 minutes on an H100/H200).
+gpu-check: $(STAMP)
+	$(PY) -m spml_fast.benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info

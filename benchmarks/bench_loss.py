@@ -33,6 +33,7 @@ def cases(quick: bool, device: str) -> list[dict]:
     if device == "cuda":
         return [_case("single-N262k-M8k-bf16", 262144, 8192, dtype="bfloat16"),
                 _case("set-N262k-M8k-bf16", 262144, 8192, mode="set", dtype="bfloat16"),
+                _case("groups-N262k-M8k-bf16", 262144, 8192, mode="groups", dtype="bfloat16", images=8),
                 _case("single-N1M-M16k-bf16", 1048576, 16384, dtype="bfloat16", images=16)]
     return [_case("single-N65k-M4k", 65536, 4096),
             _case("set-N65k-M4k", 65536, 4096, mode="set"),
@@ -135,13 +136,26 @@ def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def visit_plan(case: dict) -> dict:
+    """The Triton kernels' visit plan of this case at the sm_90a tile sizes (built on the CPU): tile pairs
+    visited against a dense sweep, uniform (unmasked) and masked."""
+    from spml_fast.ops.contrast_plan import build_plan
+    from spml_fast.triton_kernels.configs import CONTRAST
+    inputs = make_inputs(case, "cpu")
+    config = CONTRAST[("sm90", 128)]
+    plan = build_plan(inputs["segment"], inputs["pixel_labels"], inputs["prototype_labels"],
+                      inputs.get("pixel_groups"), inputs.get("prototype_groups"), config.block_n, config.block_m)
+    return plan.describe()
+
+
 def parity(case: dict, device: str) -> dict:
-    """Max |tiled - dense| of the loss and both gradients on this case's inputs."""
+    """Max |tiled - dense| of the loss and both gradients on this case's inputs, and the visit plan."""
+    plan = visit_plan(case)
     if skip_reason(case, "dense", device):
-        return dict(status="skipped: dense does not fit")
+        return dict(status="skipped: dense does not fit", plan=plan)
     loss_t, (ge_t, gp_t) = _tiled(case, device)()
     loss_d, (ge_d, gp_d) = _dense(case, device)()
-    return dict(status="ok", loss=float(loss_d.detach()),
+    return dict(status="ok", plan=plan, loss=float(loss_d.detach()),
                 loss_abs_diff=float((loss_t.detach().float() - loss_d.detach().float()).abs()),
                 grad_embeddings_max_abs_diff=float((ge_t.float() - ge_d.float()).abs().max()),
                 grad_prototypes_max_abs_diff=float((gp_t.float() - gp_d.float()).abs().max()))

@@ -57,7 +57,7 @@ def _step(loss_impl: str):
         from spml_fast.config import PRESETS
         from spml_fast.relations import MemoryBank
         from spml_fast.train import SpmlModel, training_step
-        config = PRESETS["synthetic-scribble"]
+        config = PRESETS["synthetic-scribble-spml"]      # the relations alone: the N x M work
         config = replace(config, relations=replace(config.relations, loss_impl=loss_impl))
         torch.manual_seed(0)
         model = SpmlModel(config, 6).to(device).train()
@@ -112,7 +112,7 @@ def parity(case: dict, device: str) -> dict:
         from spml_fast.config import PRESETS
         from spml_fast.relations import MemoryBank
         from spml_fast.train import SpmlModel, training_step
-        config = PRESETS["synthetic-scribble"]
+        config = PRESETS["synthetic-scribble-spml"]      # the relations alone: the N x M work
         config = replace(config, relations=replace(config.relations, loss_impl=impl))
         torch.manual_seed(0)
         model = SpmlModel(config, 6).to(device).train()

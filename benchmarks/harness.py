@@ -213,13 +213,16 @@ def case_suite(suite_module: str) -> str:
 
 
 def run_suite(name: str, quick: bool, device: str, repeats: Optional[int] = None,
-              progress=None) -> tuple[list[Record], list[dict]]:
-    """All cases x implementations of one suite, plus one parity check per case."""
+              progress=None, keep_case=None) -> tuple[list[Record], list[dict]]:
+    """All cases x implementations of one suite (those ``keep_case(case)`` accepts, when given), plus one
+    parity check per case."""
     module_name = SUITE_MODULES[name]
     suite = importlib.import_module(module_name)
     repeats = repeats or getattr(suite, "REPEATS", {}).get(quick) or (2 if quick else 3)
     records, checks = [], []
     for case in suite.cases(quick, device):
+        if keep_case is not None and not keep_case(case):
+            continue
         for impl in suite.IMPLEMENTATIONS:
             skip = suite.skip_reason(case, impl, device) if hasattr(suite, "skip_reason") else None
             if skip:

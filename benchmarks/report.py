@@ -20,6 +20,14 @@ def _fmt_time(record) -> str:
     return f"{record.time_s * 1e3:.1f} ({record.time_min_s * 1e3:.1f}-{record.time_max_s * 1e3:.1f})"
 
 
+def _detail(key: str, value) -> str:
+    if key == "plan":       # the Triton kernels' visit plan (bench_loss.visit_plan)
+        return (f"kernel tiles visited {value['visited_fraction']:.1%} of a dense sweep ({value['uniform_tiles']} "
+                f"unmasked, {value['masked_tiles']} masked of {value['dense_tiles']}, "
+                f"{value['block_n']}x{value['block_m']} tiles)")
+    return f"{key} = {value:.3g}" if isinstance(value, float) else f"{key} = {value}"
+
+
 def to_markdown(env: dict, records: list, checks: list[dict], baselines: dict = None,
                 summaries: dict = None) -> str:
     """baselines: suite -> the implementation ratios are taken against (default "dense");
@@ -49,7 +57,6 @@ def to_markdown(env: dict, records: list, checks: list[dict], baselines: dict = 
     if checks:
         lines += ["", "Parity of each implementation against its baseline on the same inputs:", ""]
         for check in checks:
-            detail = ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}"
-                               for k, v in check.items() if k not in ("suite", "case"))
+            detail = ", ".join(_detail(k, v) for k, v in check.items() if k not in ("suite", "case"))
             lines.append(f"- {check['suite']} / {check['case']}: {detail}")
     return "\n".join(lines) + "\n"
