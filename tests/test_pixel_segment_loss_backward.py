@@ -98,3 +98,21 @@ def test_large_problem_64bit_addressing():
                                         problem.pixel_labels[rows], problem.prototype_labels,
                                         kappa=10.0, reduction="none")
     torch.testing.assert_close(per_pixel[rows], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kappa,scale", [(200.0, 1.0), (60.0, 3.0)])
+def test_gradients_finite_and_exact_when_positives_are_far_below(backend, kappa, scale):
+    """kappa = 200 (or non-unit embeddings): the positive set lies far below the total, where
+    1 - exp(lse_all - lse_positive) overflows; gradients stay finite and match float64."""
+    device = device_for(backend)
+    problem = make_problem(60, 20, dim=8, device=device, unlabelled=0.0)
+    embeddings = (problem.embeddings * scale).requires_grad_()
+    prototypes = problem.prototypes.clone().requires_grad_()
+    loss = pixel_segment_loss(embeddings, prototypes, *problem.args()[2:], kappa=kappa, backend=backend)
+    loss.backward()
+    e64, p64 = embeddings.detach().double().requires_grad_(), prototypes.detach().double().requires_grad_()
+    pixel_segment_loss_dense(e64, p64, *problem.args()[2:], kappa=kappa).backward()
+    assert torch.isfinite(embeddings.grad).all() and torch.isfinite(prototypes.grad).all()
+    torch.testing.assert_close(embeddings.grad.double(), e64.grad.double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prototypes.grad.double(), p64.grad.double(), rtol=1e-4, atol=1e-4)

@@ -174,3 +174,37 @@ def test_one_set_far_below_the_other(backend):
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
     assert float(got.min()) > 100   # about 2 * kappa: the negatives dominate
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_no_segment_takes_part_gives_zero(backend):
+    """Every prototype unlabelled, or no prototype in any pixel's group: the loss is 0, not an error."""
+    device = device_for(backend)
+    problem = make_problem(30, 9, device=device, unlabelled=0.0)
+    unlabelled = torch.full_like(problem.prototype_labels, -1)
+    loss = pixel_segment_loss(problem.embeddings, problem.prototypes, problem.segment, problem.pixel_labels,
+                              unlabelled, backend=backend)
+    assert float(loss) == 0.0
+    pixel_groups = torch.zeros(30, dtype=torch.int64, device=device)
+    other_groups = torch.ones(9, dtype=torch.int64, device=device)
+    loss = pixel_segment_loss(*problem.args(), pixel_groups=pixel_groups, prototype_groups=other_groups,
+                              backend=backend, reduction="none")
+    expected = pixel_segment_loss_dense(*problem.args(), pixel_groups=pixel_groups, prototype_groups=other_groups,
+                                        reduction="none")
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_in_an_unlabelled_pixel_is_ignored(backend):
+    device = device_for(backend)
+    problem = make_problem(40, 12, device=device, unlabelled=0.0)
+    problem.pixel_labels[5] = -1
+    embeddings = problem.embeddings.clone()
+    embeddings[5] = float("nan")
+    embeddings.requires_grad_()
+    loss = pixel_segment_loss(embeddings, problem.prototypes, *problem.args()[2:], backend=backend)
+    expected = pixel_segment_loss(problem.embeddings, problem.prototypes, *problem.args()[2:], backend=backend)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert torch.isfinite(embeddings.grad[torch.arange(40, device=device) != 5]).all()

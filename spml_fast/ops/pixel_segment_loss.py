@@ -171,6 +171,8 @@ def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs, types:
     lse_negative, num_positive = lse_positive.clone(), torch.zeros_like(lse_positive)
     tiny = torch.finfo(dtype).tiny * 2**24   # below this a sum has lost precision: redo the row exactly
     for chunk in types.chunks(inputs, prototypes.shape[0]):
+        if chunk.positive.shape[1] == 0:        # no segment takes part for these pixels: -inf, -inf, 0
+            continue
         pixels = embeddings[chunk.rows].to(dtype)
         chunk_prototypes = scaled.get(chunk)
         logits = _logits_without_own(pixels, chunk_prototypes, chunk.own)
@@ -191,25 +193,43 @@ def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs, types:
     return lse_positive, lse_negative, num_positive
 
 
+SAFE_GAP = 60.0     # lse_all - lse_positive above this: 1 - exp(gap) would overflow next to exp(l - lse_all)
+
+
 def torch_other_segment_grads(embeddings, prototypes, inputs: LossInputs, types: PixelTypes,
                               lse_positive, lse_all, pixel_grad):
     """Tiled PyTorch backward over the non-own segments: (dE [N, D], dP [M, D]) in the accumulation dtype.
 
-    dL/dlogit(i, s) = g_i exp(l_is - lse_all_i) * c_is with c = 1 on negatives and
-    1 - exp(lse_all_i - lse_positive_i) on positives (softmax over S+ u S- minus softmax over S+)."""
+    dL/dlogit(i, s) = g_i exp(l_is - lse_all_i) on negatives and
+    g_i exp(l_is - lse_all_i) (1 - exp(lse_all_i - lse_positive_i)) on positives (softmax over S+ u S-
+    minus softmax over S+). Where the positive set is more than ``SAFE_GAP`` below the total, the second
+    factor would overflow while the first underflows (0 x inf): those rows use the bounded form
+    g_i exp(l_is - lse_positive_i) (exp(lse_positive_i - lse_all_i) - 1), as the kernels do."""
     dtype = accumulation_dtype(embeddings)
     scaled = _ColumnCache(prototypes.to(dtype) * inputs.kappa)
     grad_embeddings = torch.zeros(embeddings.shape, device=embeddings.device, dtype=dtype)
     grad_prototypes = torch.zeros(prototypes.shape, device=embeddings.device, dtype=dtype)
-    positive_weight = pixel_grad * -torch.expm1(lse_all - lse_positive)              # g (1 - e^(lse_all - lse_pos))
+    gap = lse_all - lse_positive
+    safe = gap <= SAFE_GAP
+    positive_weight = pixel_grad * -torch.expm1(torch.where(safe, gap, torch.zeros_like(gap)))
+    bounded_factor = pixel_grad * torch.expm1(-gap.clamp(min=0))                     # in [-g, 0]
     for chunk in types.chunks(inputs, prototypes.shape[0]):
+        if chunk.positive.shape[1] == 0:
+            continue
         pixels = embeddings[chunk.rows].to(dtype)
         chunk_prototypes = scaled.get(chunk)
         logits = _logits_without_own(pixels, chunk_prototypes, chunk.own)
+        unsafe = ~safe[chunk.rows]
+        if bool(unsafe.any()):                 # rare: recompute those rows' positive entries bounded
+            rows = chunk.rows[unsafe]
+            positive_rows = chunk.positive[unsafe] if chunk.positive.shape[0] > 1 else chunk.positive
+            bounded = (logits[unsafe] - lse_positive[rows, None]).clamp_(max=0).exp_() * bounded_factor[rows, None]
         grad_logits = logits.sub_(lse_all[chunk.rows, None]).clamp_(max=0).exp_()       # in place, [C, M_c]
         weights = torch.where(chunk.positive, positive_weight[chunk.rows, None],
                               pixel_grad[chunk.rows, None] * chunk.negative)
         grad_logits.mul_(weights)
+        if bool(unsafe.any()):
+            grad_logits[unsafe] = torch.where(positive_rows, bounded, grad_logits[unsafe])
         grad_embeddings[chunk.rows] = grad_logits @ chunk_prototypes
         if chunk.columns is None:
             grad_prototypes.addmm_(grad_logits.t(), pixels, alpha=inputs.kappa)
@@ -359,9 +379,11 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         lse_positive = torch.where(has_other_positive, lse_positive_other, own_logit)
         lse_all = torch.logaddexp(lse_positive, lse_negative)
         participating = participating_pixels(inputs.labels.pixel)
-        per_pixel = (lse_all - lse_positive) * participating                      # [N] accumulation dtype
+        zero = torch.zeros_like(lse_all)
+        # where, not a multiplication: a non-participating pixel (NaN embedding, say) never reaches the mean
+        per_pixel = torch.where(participating, lse_all - lse_positive, zero)          # [N] accumulation dtype
         # d L / d own_logit: the own segment is in S+ only when no other positive exists.
-        own_grad = torch.where(has_other_positive, torch.zeros_like(lse_all), torch.exp(own_logit - lse_all) - 1.0)
+        own_grad = torch.where(participating & ~has_other_positive, torch.exp(own_logit - lse_all) - 1.0, zero)
         ctx.save_for_backward(embeddings, prototypes, lse_positive, lse_all, own_grad, participating)
         ctx.inputs, ctx.backend, ctx.prepared = inputs, backend, prepared
         return per_pixel
@@ -372,12 +394,13 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         inputs = ctx.inputs
         _, _, grads = _PATHS[ctx.backend]
         dtype = accumulation_dtype(embeddings)
-        pixel_grad = (grad_per_pixel.to(dtype) * participating).contiguous()
+        pixel_grad = torch.where(participating, grad_per_pixel.to(dtype), 0.0).contiguous()
         grad_embeddings, grad_prototypes = grads(embeddings, prototypes, inputs, ctx.prepared,
                                                  lse_positive, lse_all, pixel_grad)
         own_scale = (inputs.kappa * pixel_grad * own_grad)[:, None]                # [N, 1]
         grad_embeddings += own_scale * prototypes.to(dtype).index_select(0, inputs.segment)
-        grad_prototypes.index_add_(0, inputs.segment, own_scale * embeddings.to(dtype))
+        own_terms = torch.where(participating[:, None], own_scale * embeddings.to(dtype), 0.0)
+        grad_prototypes.index_add_(0, inputs.segment, own_terms)
         return grad_embeddings.to(embeddings.dtype), grad_prototypes.to(prototypes.dtype), None, None
 
 
