@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from spml_fast.config import DEFAULT_K
 from spml_fast.io import atomic_path
 
 from .graph import INPUT_NAMES, OUTPUT_NAMES, SegmenterGraph
@@ -29,7 +30,7 @@ MAX_TOPK = 3840
 
 @dataclass(frozen=True)
 class ExportConfig:
-    k: int = 20                       # neighbours voting; 1 = argmax of the nearest prototype
+    k: int = DEFAULT_K                # neighbours voting (the CLI passes the run's k); 1 = argmax
     uint8_input: bool = False         # uint8 [B, H, W, 3] input instead of float [B, 3, H, W] in [0, 1]
     bank_as_input: bool = False       # prototypes / prototype_labels as graph inputs
     extra_classes: int = 8            # with bank_as_input: room for classes added to the bank later
@@ -122,7 +123,11 @@ def export_onnx(graph: SegmenterGraph, path: str, config: ExportConfig, metadata
 def read_metadata(path: str) -> dict:
     """The ``metadata_props`` of an exported model, JSON values decoded."""
     import onnx
-    model = onnx.load(path, load_external_data=False)
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as error:  # truncated or not an ONNX file
+        raise ValueError(f"--model {path}: not a readable ONNX model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]})") from None
     out = {}
     for entry in model.metadata_props:
         try:

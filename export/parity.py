@@ -18,6 +18,7 @@ continuous, the bar is within 1e-4 everywhere.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -73,7 +74,8 @@ def check_parity(reference: Callable[[tuple], np.ndarray], run_exported: Callabl
                  shapes: Sequence[tuple] = DEFAULT_SHAPES, report_path: Optional[str] = None,
                  engine: str = "onnxruntime") -> dict:
     """reference(graph inputs) -> scores [B, K, H, W]; run_exported(*graph inputs) -> (labels, scores),
-    numpy. Returns the report (and saves it as JSON); raises ParityError on a miss."""
+    numpy. Returns the report and saves it as JSON at ``report_path``; on a miss saves it beside as
+    ``*.failed.json`` and raises ParityError."""
     results = []
     for batch, height, width in shapes:
         inputs = tuple(x.numpy() if isinstance(x, torch.Tensor) else x for x in make_inputs(batch, height, width))
@@ -83,10 +85,12 @@ def check_parity(reference: Callable[[tuple], np.ndarray], run_exported: Callabl
     report = dict(engine=engine, label_agreement_bar=LABEL_AGREEMENT, score_tolerance=SCORE_TOLERANCE,
                   score_bar="all pixels" if continuous else f">= {LABEL_AGREEMENT:.1%} of pixels",
                   shapes=[asdict(r) for r in results], passed=all(r.passed for r in results))
+    if not report["passed"]:
+        if report_path:                # the previous artefact and its report stay; this one is kept apart
+            save_json(os.path.splitext(report_path)[0] + ".failed.json", report)
+        raise ParityError(f"{engine} disagrees with PyTorch:\n{format_report(report)}")
     if report_path:
         save_json(report_path, report)
-    if not report["passed"]:
-        raise ParityError(f"{engine} disagrees with PyTorch:\n{format_report(report)}")
     return report
 
 

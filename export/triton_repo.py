@@ -14,12 +14,31 @@ full shapes (Triton batches every input of a batching model).
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Optional
 
-from spml_fast.io import atomic_path, save_json, save_text
+from spml_fast.io import atomic_directory, save_json, save_text
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+def check_model_name(name: str) -> str:
+    """A Triton model name is one folder: letters, digits, '_', '.', '-', not '..'; nothing that leaves --out."""
+    if not MODEL_NAME.match(name) or ".." in name:
+        raise ValueError(f"--name {name!r}: a model name is letters, digits, '_', '.' and '-' "
+                         "(it becomes a folder under --out)")
+    return name
+
+
+def quoted(text: str) -> str:
+    """A protobuf text-format string literal: quotes, backslashes and control characters escaped, so no
+    value (a class name from bank metadata) can end the string and add fields."""
+    from google.protobuf import text_encoding
+    return '"' + text_encoding.CEscape(str(text), as_utf8=True) + '"'
 
 
 @dataclass(frozen=True)
@@ -32,7 +51,7 @@ class ServingConfig:
 
 
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:
-    return f'  {{\n    name: "{name}"\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+    return f'  {{\n    name: {quoted(name)}\n    data_type: {dtype}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
 
 
 def config_text(model_file: str, metadata: dict, serving: ServingConfig) -> str:
@@ -52,7 +71,7 @@ def config_text(model_file: str, metadata: dict, serving: ServingConfig) -> str:
                    _tensor("prototype_labels", "TYPE_INT64", [-1])]
     outputs = [_tensor("labels", "TYPE_INT32", lead + [-1, -1]),
                _tensor("scores", "TYPE_FP32", lead + [metadata["num_classes"], -1, -1])]
-    lines = [f'name: "{serving.name}"',
+    lines = [f"name: {quoted(check_model_name(serving.name))}",
              f'platform: "{"tensorrt_plan" if plan else "onnxruntime_onnx"}"',
              f"max_batch_size: {serving.max_batch_size if batched else 0}",
              "input [\n" + ",\n".join(inputs) + "\n]",
@@ -66,8 +85,8 @@ def config_text(model_file: str, metadata: dict, serving: ServingConfig) -> str:
                      '      parameters { key: "precision_mode" value: "FP16" }\n'
                      '      parameters { key: "max_workspace_size_bytes" value: "4294967296" }\n'
                      '    }\n    ]\n  }\n}')
-    names = ",".join(metadata["class_names"])
-    lines.append(f'parameters {{\n  key: "class_names"\n  value {{ string_value: "{names}" }}\n}}')
+    names = json.dumps(list(metadata["class_names"]))                  # a JSON list: names may hold commas
+    lines.append(f'parameters {{\n  key: "class_names"\n  value {{ string_value: {quoted(names)} }}\n}}')
     return "\n".join(lines) + "\n"
 
 
@@ -85,18 +104,20 @@ def parse_config(path: str):
 
 def write_repository(model_path: str, out_dir: str, metadata: dict, serving: ServingConfig = ServingConfig(),
                      parity: Optional[dict] = None) -> str:
-    """Copy the model into DIR/NAME/1/, write config.pbtxt and preprocessing.json; returns the model folder."""
+    """DIR/NAME with the model in NAME/1/, config.pbtxt and preprocessing.json; returns DIR/NAME. The folder
+    is built beside the old one and replaces it whole: other models in DIR are untouched."""
     if not os.path.exists(model_path):
         raise ValueError(f"model {model_path}: no such file")
-    folder = os.path.join(out_dir, serving.name)
-    version = os.path.join(folder, "1")
-    os.makedirs(version, exist_ok=True)
-    target = os.path.join(version, "model.plan" if model_path.endswith((".plan", ".engine")) else "model.onnx")
-    with atomic_path(target) as temp:
-        shutil.copyfile(model_path, temp)
-    save_text(os.path.join(folder, "config.pbtxt"), config_text(target, metadata, serving))
-    preprocessing = {key: metadata[key] for key in ("mean", "std", "uint8_input", "class_names", "k",
-                                                    "bank_as_input", "method") if key in metadata}
-    preprocessing["input_layout"] = "NHWC uint8 RGB" if metadata["uint8_input"] else "NCHW float32 RGB in [0, 1]"
-    save_json(os.path.join(folder, "preprocessing.json"), dict(preprocessing, parity=parity))
+    folder = os.path.join(out_dir, check_model_name(serving.name))
+    with atomic_directory(folder) as staging:
+        version = os.path.join(staging, "1")
+        os.makedirs(version)
+        target = os.path.join(version, "model.plan" if model_path.endswith((".plan", ".engine")) else "model.onnx")
+        shutil.copyfile(model_path, target)
+        save_text(os.path.join(staging, "config.pbtxt"), config_text(target, metadata, serving))
+        preprocessing = {key: metadata[key] for key in ("mean", "std", "uint8_input", "class_names", "k",
+                                                        "bank_as_input", "method", "crf") if key in metadata}
+        preprocessing["input_layout"] = ("NHWC uint8 RGB" if metadata["uint8_input"]
+                                         else "NCHW float32 RGB in [0, 1]")
+        save_json(os.path.join(staging, "preprocessing.json"), dict(preprocessing, parity=parity))
     return folder

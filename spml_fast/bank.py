@@ -1,4 +1,4 @@
-"""The prototype bank (SPEC §9): segment prototypes of labelled images with
+"""The prototype bank (docs/method.md, inference): segment prototypes of labelled images with
 the majority label of their labelled pixels, saved as safetensors plus JSON
 metadata, capped by class-balanced subsampling, and extended with a new class
 from a few annotated images without retraining.
@@ -6,11 +6,13 @@ from a few annotated images without retraining.
 File layout: ``BANK.safetensors`` holds ``prototypes`` [M, D] float32 and
 ``labels`` [M] int64; its safetensors header carries the metadata as one JSON
 string under ``spml_fast``, and ``BANK.json`` beside it repeats the metadata
-for people and servers that do not read safetensors.
+for people and servers that do not read safetensors. The metadata records
+the SHA-256 of the checkpoint the bank was built from: a run refuses a bank
+of another checkpoint (its embeddings would not match), and every bank
+refuses non-finite prototypes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -21,6 +23,7 @@ import torch
 from .data import IGNORE, MEAN, STD, SegmentationDataset
 from .io import atomic_path, save_json
 from .ops import segment_prototypes
+from .run import Run, RunError, file_sha256
 from .segments import cluster_embeddings, pool_labels
 
 EMBEDDING_STRIDE = 4          # the embedding map is H/4 x W/4 (models.EmbeddingNet)
@@ -63,14 +66,6 @@ class PrototypeBank:
                     counts=self.counts(), mean=list(MEAN), std=list(STD), stride=EMBEDDING_STRIDE)
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_bank(bank: PrototypeBank, path: str) -> None:
     """Write ``path`` (safetensors) and ``<path without extension>.json`` atomically."""
     from safetensors.torch import save_file
@@ -82,8 +77,9 @@ def save_bank(bank: PrototypeBank, path: str) -> None:
     save_json(os.path.splitext(path)[0] + ".json", metadata)
 
 
-def load_bank(path: str, device="cpu") -> PrototypeBank:
-    """Read a bank written by ``save_bank``; errors name the file."""
+def load_bank(path: str, device="cpu", run: Optional[Run] = None) -> PrototypeBank:
+    """Read a bank written by ``save_bank``; errors name the file. With ``run``: the bank must have been
+    built from that run's checkpoint (the SHA-256 in its metadata) and match its classes and D."""
     from safetensors import safe_open
     if not os.path.exists(path):
         raise ValueError(f"--bank {path}: no such file")
@@ -93,10 +89,33 @@ def load_bank(path: str, device="cpu") -> PrototypeBank:
             prototypes, labels = handle.get_tensor("prototypes"), handle.get_tensor("labels")
     except Exception as error:  # not safetensors, missing tensors, bad JSON: all "not a bank"
         raise ValueError(f"--bank {path}: not a prototype bank ({type(error).__name__}: {error})") from None
+    if prototypes.dim() != 2 or prototypes.shape[0] == 0:
+        raise ValueError(f"--bank {path}: prototypes must be a non-empty [M, D] matrix, got {tuple(prototypes.shape)}")
+    bad_rows = (~torch.isfinite(prototypes.float())).any(1)
+    if bool(bad_rows.any()):
+        raise ValueError(f"--bank {path}: {int(bad_rows.sum())} of {prototypes.shape[0]} prototypes hold NaN or "
+                         "infinite values")
     class_names = metadata.pop("class_names", None) or [str(i) for i in range(int(labels.max()) + 1)]
     for derived in ("dim", "size", "counts", "mean", "std", "stride"):
         metadata.pop(derived, None)
-    return PrototypeBank(prototypes.float(), labels.long(), class_names, metadata).to(device)
+    bank = PrototypeBank(prototypes.float(), labels.long(), class_names, metadata).to(device)
+    if run is not None:
+        check_bank_matches(bank, run, path)
+    return bank
+
+
+def check_bank_matches(bank: PrototypeBank, run: Run, path: str) -> None:
+    """The bank was built from ``run``'s checkpoint and names its classes."""
+    recorded = bank.metadata.get("checkpoint_sha256")
+    if recorded is None:
+        raise RunError(f"--bank {path}: records no checkpoint (not written by spml-fast bank); rebuild it with "
+                       f"spml-fast bank --checkpoint {run.folder}")
+    if recorded != run.checkpoint_sha256():
+        raise RunError(f"--bank {path} was built from another checkpoint ({bank.metadata.get('checkpoint', '?')}, "
+                       f"SHA-256 {recorded[:12]}...) than {run.checkpoint}: rebuild it with "
+                       f"spml-fast bank --checkpoint {run.folder}")
+    if bank.class_names[:run.num_classes] != list(run.class_names):
+        raise RunError(f"--bank {path}: its classes {bank.class_names} are not the run's {run.class_names}")
 
 
 @torch.no_grad()
@@ -179,39 +198,40 @@ def add_class(bank: PrototypeBank, name: str, prototypes: torch.Tensor, labels: 
                          bank.class_names + [name], dict(bank.metadata, added=bank.metadata.get("added", []) + [name]))
 
 
-def build_run_bank(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
+def build_run_bank(checkpoint, data_root: Optional[str] = None, list_file: Optional[str] = None,
                    device="cpu", max_size: Optional[int] = None, progress: bool = True,
-                   skip_bad: bool = False, loaded_run=None) -> PrototypeBank:
-    """The bank of a training run from a list (default: the run's bank or training list)."""
-    from .data import read_list
-    from .evaluate import load_run
-    model, config, class_names = loaded_run or load_run(checkpoint, device)
-    root = data_root or config.data_root
-    entries = read_list(root, list_file or config.bank_list or config.train_list)
-    dataset = SegmentationDataset(entries, len(class_names), root, train=False, overseg=config.overseg,
+                   skip_bad: bool = False, model=None) -> PrototypeBank:
+    """The bank of a training run (a ``Run`` or its folder/checkpoint) from a list (default: the run's
+    bank or training list); ``model``: the run's model when already loaded."""
+    from .data import check_entries, read_list
+    run = Run.of(checkpoint)
+    config = run.config
+    model = model if model is not None else run.model(device)
+    root = run.data_root(data_root)
+    source = list_file or config.bank_list or config.train_list
+    entries = check_entries(read_list(root, source, config.allow_outside_root), skip_bad)
+    dataset = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=config.overseg,
                                   skip_bad=skip_bad)
     prototypes, labels = labelled_segment_prototypes(
-        model, dataset, config.bank_grid or config.kmeans_grid, config.kmeans_iterations, len(class_names),
+        model, dataset, config.bank_grid or config.kmeans_grid, config.kmeans_iterations, run.num_classes,
         device, progress)
-    from .train import CHECKPOINT
-    checkpoint_file = checkpoint if os.path.isfile(checkpoint) else os.path.join(checkpoint, CHECKPOINT)
-    metadata = dict(checkpoint=os.path.abspath(checkpoint_file), checkpoint_sha256=file_sha256(checkpoint_file),
-                    source_list=list_file or config.bank_list or config.train_list,
+    metadata = dict(checkpoint=run.checkpoint, checkpoint_sha256=run.checkpoint_sha256(), source_list=source,
                     source_images=len(entries), preset=config.preset)
-    bank = PrototypeBank(prototypes, labels, list(class_names), metadata)
+    bank = PrototypeBank(prototypes, labels, list(run.class_names), metadata)
     return subsample_balanced(bank, max_size) if max_size else bank
 
 
-def add_class_from_list(checkpoint: str, bank_path: str, name: str, data_root: Optional[str], list_file: str,
+def add_class_from_list(checkpoint, bank_path: str, name: str, data_root: Optional[str], list_file: str,
                         device="cpu", max_size: Optional[int] = None, progress: bool = True) -> PrototypeBank:
     """``spml-fast bank --add``: the run's segments of the list's images, with binary masks as labels
-    (1 = the new class), join the bank at ``bank_path`` as class ``name``."""
-    from .data import read_list
-    from .evaluate import load_run
-    model, config, _ = load_run(checkpoint, device)
-    root = data_root or config.data_root
-    masks = SegmentationDataset(read_list(root, list_file), 2, root, train=False, overseg=config.overseg)
-    prototypes, labels = labelled_segment_prototypes(model, masks, config.bank_grid or config.kmeans_grid,
+    (1 = the new class), join the bank at ``bank_path`` (built from this run) as class ``name``."""
+    from .data import check_entries, read_list
+    run = Run.of(checkpoint)
+    config = run.config
+    root = run.data_root(data_root)
+    masks = SegmentationDataset(check_entries(read_list(root, list_file, config.allow_outside_root)), 2, root,
+                                train=False, overseg=config.overseg)
+    prototypes, labels = labelled_segment_prototypes(run.model(device), masks, config.bank_grid or config.kmeans_grid,
                                                      config.kmeans_iterations, 2, device, progress, desc="add")
-    bank = add_class(load_bank(bank_path, device), name, prototypes, labels)
+    bank = add_class(load_bank(bank_path, device, run=run), name, prototypes, labels)
     return subsample_balanced(bank, max_size) if max_size else bank

@@ -77,7 +77,7 @@ def fit_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 def save_classifier(head: LinearClassifier, class_names: list[str], path: str, metadata: dict = None) -> None:
     from safetensors.torch import save_file
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in head.folded().state_dict().items()}
     info = dict(metadata or {}, class_names=class_names, kind="linear-classifier")
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={METADATA_KEY: json.dumps(info)})
@@ -103,14 +103,18 @@ def train_classifier_for_run(checkpoint: str, out: str, data_root: str = None, l
                              config: ClassifierConfig = ClassifierConfig(), device="cpu",
                              progress: bool = True) -> dict:
     """Fit and save a head for a run on a list (default: the run's bank or training list)."""
-    from .data import read_list
-    from .evaluate import load_run
-    model, run_config, class_names = load_run(checkpoint, device)
-    root = data_root or run_config.data_root
-    entries = read_list(root, list_file or run_config.bank_list or run_config.train_list)
-    dataset = SegmentationDataset(entries, len(class_names), root, train=False, overseg=run_config.overseg)
-    features, labels = labelled_embeddings(model, dataset, len(class_names), device, progress)
-    head = fit_classifier(features, labels, len(class_names), config, progress)
+    from .data import check_entries, read_list
+    from .run import Run
+    run = Run.open(checkpoint)
+    model = run.model(device)
+    root = run.data_root(data_root)
+    entries = check_entries(read_list(root, list_file or run.config.bank_list or run.config.train_list,
+                                      run.config.allow_outside_root))
+    dataset = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=run.config.overseg)
+    features, labels = labelled_embeddings(model, dataset, run.num_classes, device, progress)
+    head = fit_classifier(features, labels, run.num_classes, config, progress)
     accuracy = float((head(features[:, :, None, None])[:, :, 0, 0].argmax(1) == labels).float().mean())
-    save_classifier(head, class_names, out, dict(checkpoint=os.path.abspath(checkpoint), pixels=int(labels.numel())))
+    save_classifier(head, run.class_names, out, dict(checkpoint=run.checkpoint,
+                                                     checkpoint_sha256=run.checkpoint_sha256(),
+                                                     pixels=int(labels.numel())))
     return dict(pixels=int(labels.numel()), train_accuracy=accuracy, out=out)

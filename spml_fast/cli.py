@@ -6,11 +6,21 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default unless it is empty or its help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _add_bench(subparsers) -> None:
     from spml_fast.benchmarks.harness import SUITE_MODULES
-    bench = subparsers.add_parser("bench", help="benchmark suites: tiled kernels against the dense baseline; "
+    bench = subparsers.add_parser("bench", formatter_class=HelpFormatter, help="benchmark suites: tiled kernels against the dense baseline; "
                                                 "'kernels': the static kernel report (no GPU needed)")
-    bench.add_argument("suite", choices=[*SUITE_MODULES, "kernels", "all"])
+    bench.add_argument("suite", choices=[*SUITE_MODULES, "kernels", "all"], help="which suite ('all': the timed ones)")
     bench.add_argument("--quick", action="store_true", help="small shapes, about a minute")
     bench.add_argument("--json", metavar="FILE", help="write results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the markdown table")
@@ -85,12 +95,12 @@ def run_bench(args) -> int:
 
 
 def _add_synth(subparsers) -> None:
-    synth = subparsers.add_parser("synth", help="write the built-in synthetic dataset (SPML list-file layout)")
-    synth.add_argument("--out", required=True, metavar="DIR")
-    synth.add_argument("--train-images", type=int, default=160)
-    synth.add_argument("--val-images", type=int, default=40)
-    synth.add_argument("--size", type=int, default=96)
-    synth.add_argument("--seed", type=int, default=0)
+    synth = subparsers.add_parser("synth", formatter_class=HelpFormatter, help="write the built-in synthetic dataset (SPML list-file layout)")
+    synth.add_argument("--out", required=True, metavar="DIR", help="dataset folder (SPML list-file layout)")
+    synth.add_argument("--train-images", type=int, default=160, help="training scenes")
+    synth.add_argument("--val-images", type=int, default=40, help="validation scenes")
+    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0, help="scene seed")
     _add_scene_flags(synth)
     synth.set_defaults(run=run_synth)
 
@@ -114,13 +124,13 @@ def run_synth(args) -> int:
 
 
 def _add_cam(subparsers) -> None:
-    cam = subparsers.add_parser("cam", help="CAM pseudo-labels from image tags (the tag supervision's label maps)")
-    cam.add_argument("--data", required=True, metavar="ROOT")
+    cam = subparsers.add_parser("cam", formatter_class=HelpFormatter, help="CAM pseudo-labels from image tags (the tag supervision's label maps)")
+    cam.add_argument("--data", required=True, metavar="ROOT", help="data root with the tagged images")
     cam.add_argument("--list", default="train_tag.txt", metavar="FILE", help="images with tags (tags.json)")
-    cam.add_argument("--classes", default="classes.txt", metavar="N|FILE")
+    cam.add_argument("--classes", default="classes.txt", metavar="N|FILE", help="class count or names file")
     cam.add_argument("--out-list", default="train_cam.txt", metavar="FILE", help="written under ROOT")
-    cam.add_argument("--iterations", type=int, default=400)
-    cam.add_argument("--threshold", type=float, default=0.2)
+    cam.add_argument("--iterations", type=int, default=400, help="training iterations of the CAM classifier")
+    cam.add_argument("--threshold", type=float, default=0.2, help="normalised CAM below this: background")
     cam.set_defaults(run=run_cam)
 
 
@@ -135,31 +145,50 @@ def run_cam(args) -> int:
     return 0
 
 
+def _add_data_flags(parser) -> None:
+    parser.add_argument("--max-pixels", type=int, metavar="N",
+                        help="refuse images above N pixels before decoding them (default 64,000,000)")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="let list files name files outside the data root (../, absolute paths)")
+
+
+def _apply_data_flags(args) -> None:
+    if getattr(args, "max_pixels", None):
+        from spml_fast.data import set_max_pixels
+        set_max_pixels(args.max_pixels)
+
+
 def _add_train(subparsers) -> None:
     from spml_fast.config import PRESETS
-    train = subparsers.add_parser("train", help="train an SPML embedding (or the pce baseline)")
-    train.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    train.add_argument("--data", metavar="ROOT", help="data root (paths in the list are relative to it)")
-    train.add_argument("--list", metavar="FILE", help="training list file (default: the preset's)")
-    train.add_argument("--classes", metavar="N|FILE")
-    train.add_argument("--out", metavar="RUN_DIR", default=None)
-    train.add_argument("--iterations", type=int)
-    train.add_argument("--crop", type=int)
-    train.add_argument("--batch", type=int)
-    train.add_argument("--device", choices=["cpu", "cuda"])
+    train = subparsers.add_parser("train", help="train a segmenter (SPML, partial cross-entropy, TEL, AGMM, ...)",
+                                  formatter_class=HelpFormatter)
+    train.add_argument("--preset", choices=sorted(PRESETS),
+                       help="the configuration to start from (required unless --resume)")
+    train.add_argument("--data", metavar="ROOT", help="data root: paths in the list files are relative to it")
+    train.add_argument("--list", metavar="FILE", help="training list under ROOT (default: the preset's)")
+    train.add_argument("--classes", metavar="N|FILE",
+                       help="number of classes, or a file of class names under ROOT (default: the preset's)")
+    train.add_argument("--out", metavar="RUN_DIR", help="run folder (default: runs/PRESET)")
+    train.add_argument("--iterations", type=int, help="training iterations (default: the preset's)")
+    train.add_argument("--crop", type=int, help="square training crop in pixels (default: the preset's)")
+    train.add_argument("--batch", type=int, help="images per iteration (default: the preset's)")
+    train.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's (cpu)")
     train.add_argument("--pretrained", metavar="PATH", help="local ImageNet state dict of the backbone")
-    train.add_argument("--workers", type=int)
+    train.add_argument("--workers", type=int, help="data loader processes (default: the preset's)")
     train.add_argument("--config", metavar="YAML", help="settings overriding the preset")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one setting, e.g. relations.weight_image=0.2 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in --out with its own config.json (only --device, --workers, "
+                            "--skip-bad may change)")
     train.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
+    _add_data_flags(train)
     train.set_defaults(run=run_train)
 
 
-def build_config(args):
-    from spml_fast.config import PRESETS, apply_overrides, load_yaml_overrides
-    config = PRESETS[args.preset]
+def _overrides(args) -> dict:
+    """Settings the command line gives explicitly (flags, --set, --config)."""
+    from spml_fast.config import load_yaml_overrides
     overrides = load_yaml_overrides(args.config) if args.config else {}
     for item in args.set:
         if "=" not in item:
@@ -169,13 +198,39 @@ def build_config(args):
     flags = {"data_root": args.data, "train_list": args.list, "classes": args.classes,
              "optim.iterations": args.iterations, "augment.crop": args.crop, "optim.batch": args.batch,
              "device": args.device, "pretrained": args.pretrained, "workers": args.workers,
-             "skip_bad": True if args.skip_bad else None}
+             "skip_bad": True if args.skip_bad else None,
+             "allow_outside_root": True if getattr(args, "allow_outside_root", False) else None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    return apply_overrides(config, overrides)
+    return overrides
+
+
+def build_config(args):
+    """The preset with the command line's settings; with --resume, the run's own config.json, which only
+    the runtime settings may change."""
+    from spml_fast.config import PRESETS, RUNTIME_SETTINGS, apply_overrides
+    overrides = _overrides(args)
+    if args.resume:
+        from spml_fast.run import read_config
+        if not args.out:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        saved, _ = read_config(args.out)
+        if args.preset and args.preset != saved.preset:
+            raise ValueError(f"--resume: {args.out} is a {saved.preset} run, not {args.preset}")
+        resumed = apply_overrides(saved, overrides)
+        from spml_fast.config import differences
+        changed = [key for key in differences(saved, resumed) if key not in RUNTIME_SETTINGS]
+        if changed:
+            raise ValueError(f"--resume continues {args.out} with its own settings; these would change: "
+                             f"{', '.join(changed)}")
+        return resumed
+    if not args.preset:
+        raise ValueError("--preset is required (or --resume --out RUN_DIR)")
+    return apply_overrides(PRESETS[args.preset], overrides)
 
 
 def run_train(args) -> int:
     from spml_fast.train import train
+    _apply_data_flags(args)
     config = build_config(args)
     if not config.data_root:
         raise ValueError("--data ROOT is required (or data_root in --config)")
@@ -187,31 +242,45 @@ def run_train(args) -> int:
 
 
 def _add_eval(subparsers) -> None:
-    evaluate = subparsers.add_parser("eval", help="mIoU of a trained run on a list")
-    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE")
-    evaluate.add_argument("--data", metavar="ROOT")
-    evaluate.add_argument("--list", metavar="FILE")
+    evaluate = subparsers.add_parser("eval", help="mIoU of a trained run on a list",
+                                     formatter_class=HelpFormatter)
+    evaluate.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE", help="the run (folder or checkpoint)")
+    evaluate.add_argument("--data", metavar="ROOT", help="data root (default: the run's)")
+    evaluate.add_argument("--list", metavar="FILE", help="list under ROOT with label maps (default: the run's val list)")
     evaluate.add_argument("--classes", metavar="N|FILE", help="must match the run's classes when given")
-    evaluate.add_argument("--bank", metavar="BANK", help="prototype bank (safetensors); default: built from "
-                                                         "the run's training list")
-    evaluate.add_argument("--window", type=int, help="sliding-window size for large images")
-    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    evaluate.add_argument("--bank", metavar="BANK", help="prototype bank of this run (default: built from the "
+                                                         "run's training list)")
+    evaluate.add_argument("--window", type=int, help="sliding-window side for large images")
+    evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the network runs")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
+    _add_data_flags(evaluate)
     evaluate.set_defaults(run=run_eval_command)
+
+
+def _check_classes(classes: str, data_root: str, run) -> None:
+    """``--classes`` (a count or a file under the data root) against the run's classes, before any work."""
+    from spml_fast.data import read_classes
+    given = read_classes(classes if classes.isdigit() or os.path.isabs(classes)
+                         else os.path.join(data_root, classes))
+    if len(given) != run.num_classes:
+        raise ValueError(f"--classes gives {len(given)} classes, the run was trained with {run.num_classes} "
+                         f"({', '.join(run.class_names)})")
 
 
 def run_eval_command(args) -> int:
     import json
-    from spml_fast.data import read_classes
-    from spml_fast.evaluate import format_table, run_eval
-    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device, args.window,
-                                   progress=not args.json, skip_bad=args.skip_bad)
+    from spml_fast.evaluate import format_table, load_for_eval, run_eval
+    from spml_fast.run import Run
+    _apply_data_flags(args)
+    run = Run.open(args.checkpoint)
     if args.classes:
-        given = read_classes(args.classes if args.classes.isdigit() or os.path.isabs(args.classes)
-                             else os.path.join(args.data or ".", args.classes))
-        if len(given) != len(class_names):
-            raise ValueError(f"--classes gives {len(given)} classes, the run was trained with {len(class_names)}")
+        _check_classes(args.classes, run.data_root(args.data), run)
+    if args.allow_outside_root:
+        run = run.with_settings(allow_outside_root=True)
+    loaded = load_for_eval(run, args.bank, args.device, not args.json, args.skip_bad)
+    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device, args.window,
+                                   progress=not args.json, skip_bad=args.skip_bad, loaded=loaded)
     if args.json:
         print(json.dumps(dict(result, classes=class_names)))
     else:
@@ -220,9 +289,9 @@ def run_eval_command(args) -> int:
 
 
 def _add_demo(subparsers) -> None:
-    demo = subparsers.add_parser("demo", help="synth, train on synthetic-scribble and the pce baseline, eval, figure")
-    demo.add_argument("--out", default="runs/demo", metavar="DIR")
-    demo.add_argument("--iterations", type=int, default=None)
+    demo = subparsers.add_parser("demo", formatter_class=HelpFormatter, help="synth, train on synthetic-scribble and the pce baseline, eval, figure")
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="data, runs, results.json and demo.png")
+    demo.add_argument("--iterations", type=int, default=None, help="training iterations (default: the presets')")
     _add_scene_flags(demo)
     demo.set_defaults(run=run_demo)
 
@@ -239,44 +308,71 @@ def run_demo(args) -> int:
 
 
 def _add_experiments(subparsers) -> None:
-    experiments = subparsers.add_parser("experiments", help="README tables: each supervision and the relation "
-                                                            "ablation on the built-in data")
-    experiments.add_argument("--out", default="runs/experiments", metavar="DIR")
-    experiments.add_argument("--iterations", type=int, default=None)
+    experiments = subparsers.add_parser("experiments", help="README tables: the built-in data's supervisions and "
+                                                            "relation ablation, or the robustness suite",
+                                        formatter_class=HelpFormatter)
+    experiments.add_argument("--suite", choices=["built-in", "robustness"], default="built-in",
+                             help="built-in: supervisions and ablation on the default scenes; robustness: every "
+                                  "objective on families of scenes, 2 seeds each")
+    experiments.add_argument("--out", default="runs/experiments", metavar="DIR", help="data, runs and reports")
+    experiments.add_argument("--iterations", type=int, default=None, help="training iterations per run")
+    experiments.add_argument("--quick", action="store_true",
+                             help="robustness: 200 iterations per run (about half the time)")
+    experiments.add_argument("--jobs", type=int, default=2, help="robustness: runs in parallel (one thread each)")
     _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 
 
 def run_experiments_command(args) -> int:
+    if args.suite == "robustness":
+        from dataclasses import replace
+
+        from spml_fast.robustness import QUICK, SuiteConfig, run_suite, to_markdown
+        config = QUICK if args.quick else SuiteConfig()
+        config = replace(config, jobs=args.jobs, iterations=args.iterations or config.iterations)
+        print(to_markdown(run_suite(args.out, config)))
+        return 0
     from spml_fast.experiments import run_experiments, to_markdown
     print(to_markdown(run_experiments(args.out, args.iterations, _scenes(args))))
     return 0
 
 
 def _add_predictor_flags(parser) -> None:
-    parser.add_argument("--method", choices=["pixel-knn", "segment-knn", "classifier"], default="pixel-knn")
-    parser.add_argument("--k", type=int, default=20, help="neighbours voting (k-NN methods); 1 = argmax")
-    parser.add_argument("--window", type=int, help="sliding-window side for large images")
-    parser.add_argument("--scales", default="1", help="multi-scale factors, comma-separated, e.g. 0.75,1,1.25")
+    """How a run predicts; each defaults to the run's own setting (its head or k-NN, its k, its CRF)."""
+    parser.add_argument("--method", choices=["pixel-knn", "segment-knn", "classifier"],
+                        help="default: the run's (its class head, else pixel k-NN against the bank)")
+    parser.add_argument("--k", type=int, help="neighbours voting in k-NN; 1 = argmax (default: the run's k)")
+    parser.add_argument("--window", type=int, help="sliding-window side for large images (default: whole image)")
+    parser.add_argument("--scales", help="multi-scale factors, comma-separated, e.g. 0.75,1,1.25 (default: 1)")
+    parser.add_argument("--crf", choices=["on", "off"], help="dense CRF after the predictor (default: the run's)")
 
 
-def _predictor(args):
-    from spml_fast.inference import PredictorConfig
-    scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
-    return PredictorConfig(method=args.method, k=args.k, window=args.window, scales=scales)
+def _predictor_options(args) -> dict:
+    """The predictor fields given explicitly on the command line."""
+    from dataclasses import replace
+
+    from spml_fast.crf import CrfConfig
+    options = dict(method=args.method, k=args.k, window=args.window)
+    if args.scales:
+        options["scales"] = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    if args.crf:
+        options["crf"] = replace(CrfConfig(), enabled=args.crf == "on")
+    return options
 
 
 def _add_run_and_list(parser, out_metavar: str) -> None:
     """--checkpoint RUN, --data ROOT, --list FILE, --out FILE.safetensors, --device: a run over a list."""
-    parser.add_argument("--checkpoint", required=True, metavar="RUN")
-    parser.add_argument("--data", metavar="ROOT")
-    parser.add_argument("--list", metavar="FILE", help="labelled images (default: the run's bank/training list)")
+    parser.add_argument("--checkpoint", required=True, metavar="RUN", help="the run (folder or checkpoint)")
+    parser.add_argument("--data", metavar="ROOT", help="data root (default: the run's)")
+    parser.add_argument("--list", metavar="FILE", help="labelled images under ROOT (default: the run's bank or "
+                                                       "training list)")
     parser.add_argument("--out", required=True, metavar=out_metavar, help="output .safetensors")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the network runs")
 
 
 def _add_bank(subparsers) -> None:
-    bank = subparsers.add_parser("bank", help="prototype bank of a run (safetensors + JSON metadata)")
+    bank = subparsers.add_parser("bank", help="prototype bank of a run (safetensors + JSON metadata)",
+                                 formatter_class=HelpFormatter)
     _add_run_and_list(bank, "BANK")
     bank.add_argument("--max-size", type=int, help="cap: class-balanced random subsample to this many prototypes")
     bank.add_argument("--add", metavar="NAME", help="add class NAME to --bank from the list's masks "
@@ -301,9 +397,10 @@ def run_bank(args) -> int:
 
 
 def _add_train_classifier(subparsers) -> None:
-    head = subparsers.add_parser("train-classifier", help="softmax classifier head on a run's frozen embeddings")
+    head = subparsers.add_parser("train-classifier", help="softmax classifier head on a run's frozen embeddings",
+                                 formatter_class=HelpFormatter)
     _add_run_and_list(head, "HEAD")
-    head.add_argument("--epochs", type=int, default=200)
+    head.add_argument("--epochs", type=int, default=200, help="full-batch passes over the labelled pixels")
     head.set_defaults(run=run_train_classifier)
 
 
@@ -317,19 +414,21 @@ def run_train_classifier(args) -> int:
 
 
 def _add_export(subparsers) -> None:
-    export = subparsers.add_parser("export", help="ONNX model, TensorRT engine or Triton repository, parity-checked")
-    export.add_argument("--checkpoint", required=True, metavar="RUN")
-    export.add_argument("--bank", metavar="BANK", help="prototype bank (k-NN segmenter)")
-    export.add_argument("--classifier", metavar="HEAD", help="classifier head instead of a bank")
-    export.add_argument("--format", choices=["onnx", "tensorrt", "triton-repo"], default="onnx")
+    export = subparsers.add_parser("export", help="ONNX model, TensorRT engine or Triton repository, parity-checked",
+                                   formatter_class=HelpFormatter)
+    export.add_argument("--checkpoint", required=True, metavar="RUN", help="the run (folder or checkpoint)")
+    export.add_argument("--bank", metavar="BANK", help="prototype bank of this run (k-NN segmenter)")
+    export.add_argument("--classifier", metavar="HEAD", help="classifier head file instead of a bank")
+    export.add_argument("--format", choices=["onnx", "tensorrt", "triton-repo"], default="onnx",
+                        help="a .onnx file; a TensorRT engine (GPU and tensorrt); a Triton model repository")
     export.add_argument("--out", required=True, metavar="PATH", help="model.onnx, model.plan, or a repository DIR")
-    export.add_argument("--k", type=int, default=20, help="neighbours voting; 1 = argmax")
+    export.add_argument("--k", type=int, help="neighbours voting; 1 = argmax (default: the run's k)")
     export.add_argument("--uint8-input", action="store_true", help="uint8 [B, H, W, 3] input, preprocessing inside")
     export.add_argument("--bank-as-input", action="store_true", help="the bank is a graph input, not a constant")
     export.add_argument("--extra-classes", type=int, default=8,
                         help="with --bank-as-input: score channels kept for classes added to the bank later")
-    export.add_argument("--opset", type=int, default=18)
-    export.add_argument("--name", default="spml_segmenter", help="Triton model name")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset")
+    export.add_argument("--name", default="spml_segmenter", help="Triton model name (a folder under --out)")
     export.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size")
     export.add_argument("--repo-model", choices=["onnx", "plan"], default="onnx",
                         help="Triton repository holds the ONNX model or a TensorRT engine")
@@ -340,48 +439,55 @@ def run_export(args) -> int:
     from spml_fast.export.onnx_export import ExportConfig
     from spml_fast.export.parity import ParityError, format_report
     from spml_fast.export.pipeline import export_run, load_deployable
-    from spml_fast.export.triton_repo import ServingConfig
+    from spml_fast.export.triton_repo import ServingConfig, check_model_name
+    if args.format == "triton-repo":
+        check_model_name(args.name)
     deployable = load_deployable(args.checkpoint, args.bank, args.classifier)
-    config = ExportConfig(k=args.k, uint8_input=args.uint8_input, bank_as_input=args.bank_as_input,
-                          extra_classes=args.extra_classes, opset=args.opset)
+    config = ExportConfig(k=args.k if args.k is not None else deployable.k, uint8_input=args.uint8_input,
+                          bank_as_input=args.bank_as_input, extra_classes=args.extra_classes, opset=args.opset)
     try:
         result = export_run(deployable, args.format, args.out, config,
                             ServingConfig(name=args.name, max_batch_size=args.max_batch), args.repo_model)
     except ParityError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\nThe previous {args.out}, if any, is unchanged.", file=sys.stderr)
         return 1
     for key in ("onnx", "tensorrt"):
         if key in result:
             print(format_report(result[key]))
-    print(f"exported {args.format} to {result.get('repository', args.out)}")
+    print(f"exported {args.format} to {result.get('repository', args.out)} (k = {config.k}"
+          + (f", CRF applied by the runtime" if deployable.crf is not None and deployable.crf.enabled else "") + ")")
     return 0
 
 
 def _add_predict(subparsers) -> None:
-    predict = subparsers.add_parser("predict", help="label-map PNGs and overlays of images")
+    predict = subparsers.add_parser("predict", help="label-map PNGs and overlays of images",
+                                    formatter_class=HelpFormatter)
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    predict.add_argument("--checkpoint", metavar="RUN")
-    predict.add_argument("--bank", metavar="BANK")
-    predict.add_argument("--classifier", metavar="HEAD")
+    predict.add_argument("--checkpoint", metavar="RUN", help="a trained run (predicts as it evaluates)")
+    predict.add_argument("--bank", metavar="BANK", help="prototype bank of the run (or the bank input of --model)")
+    predict.add_argument("--classifier", metavar="HEAD", help="classifier head file instead of a bank")
     predict.add_argument("--model", metavar="FILE", help="exported .onnx or TensorRT .plan instead of a run")
-    predict.add_argument("--providers", choices=["auto", "tensorrt", "cuda", "cpu"], default="auto")
-    predict.add_argument("--out", required=True, metavar="DIR")
-    predict.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    predict.add_argument("--providers", choices=["auto", "tensorrt", "cuda", "cpu"], default="auto",
+                         help="--model: ONNX Runtime providers")
+    predict.add_argument("--out", required=True, metavar="DIR", help="folder for <stem>.png and <stem>_overlay.png")
+    predict.add_argument("--device", choices=["cpu", "cuda"], help="--checkpoint: where the network runs (cpu)")
     _add_predictor_flags(predict)
+    _add_data_flags(predict)
     predict.set_defaults(run=run_predict)
 
 
 def run_predict(args) -> int:
     from spml_fast.predict import make_labeller, predict_files
-    labeller = make_labeller(args.checkpoint, args.bank, args.classifier, args.model, _predictor(args),
-                             args.providers, args.device)
-    written, failures = predict_files(args.images, args.out, labeller)
+    _apply_data_flags(args)
+    labeller, class_names = make_labeller(args.checkpoint, args.bank, args.classifier, args.model,
+                                          _predictor_options(args), args.providers, args.device)
+    written, failures = predict_files(args.images, args.out, labeller, class_names=class_names)
     print(f"wrote {written} label maps to {args.out}" + (f"; {len(failures)} skipped" if failures else ""))
     return 1 if failures else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__)
+    parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__, formatter_class=HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_synth(subparsers)
     _add_cam(subparsers)
@@ -397,12 +503,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(error: BaseException) -> str:
+    """The error's own message: a DataLoader worker wraps it in its traceback; keep the last line."""
+    text = str(error)
+    if "Original Traceback" in text:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines else text
+    return text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from spml_fast.data import DataError
+    from spml_fast.train import TrainingInterrupted
     try:
         return args.run(args)
+    except TrainingInterrupted as error:
+        print(f"\n{error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except (ValueError, DataError) as error:
+        print(f"error: {_message(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:              # disk full, permissions, a missing file named by the OS
         print(f"error: {error}", file=sys.stderr)
         return 2
 

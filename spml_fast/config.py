@@ -13,6 +13,9 @@ from .objective import ObjectiveConfig
 from .relations import RelationConfig
 
 
+DEFAULT_K = 20      # neighbours voting at inference (SegSort's k): the one source of this default
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     optimizer: str = "sgd"                  # "sgd" (momentum; the paper) | "adamw"
@@ -27,6 +30,12 @@ class OptimConfig:
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optim.optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.iterations < 1:
+            raise ValueError(f"--iterations must be >= 1, got {self.iterations}")
+        if self.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {self.batch}")
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -50,11 +59,12 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 2
     skip_bad: bool = False                  # skip missing/unreadable files with a warning instead of failing
+    allow_outside_root: bool = False        # list files may name files outside the data root (../, absolute)
     checkpoint_every: int = 500
     log_every: int = 10
     checkpoint_backbone: bool = False
     pretrained: str = ""
-    eval_k: int = 20
+    eval_k: int = DEFAULT_K                 # neighbours voting at inference (eval, bank, export, predict)
     crf: CrfConfig = field(default_factory=CrfConfig)   # dense CRF after the predictor (evaluation, predict)
 
 
@@ -85,14 +95,16 @@ def _voc(preset: str, train_list: str, relations: RelationConfig) -> TrainConfig
 
 def _synthetic(preset: str, train_list: str, relations: RelationConfig, objective: ObjectiveConfig,
                **changes) -> TrainConfig:
-    """The built-in data's recipe: the small CPU network, 96-pixel crops, AdamW."""
+    """The built-in data's recipe: the small CPU network, 96-pixel crops, AdamW, and the dense CRF after the
+    predictor at evaluation (every objective, the baseline too: one protocol)."""
     return replace(TrainConfig(
         preset=preset, objective=objective, relations=relations,
         model=ModelConfig(backbone="small", embedding_dim=32, width=32),
         optim=OptimConfig(optimizer="adamw", lr=2e-3, iterations=600, batch=8, warmup=20, weight_decay=1e-4),
         augment=AugmentConfig(crop=96, scale_range=(0.75, 1.25)),
         overseg=OversegConfig(scale=60.0, sigma=0.8, min_size=20), kmeans_grid=4, bank_grid=12,
-        train_list=train_list, classes="classes.txt", checkpoint_every=100, eval_k=10), **changes)
+        train_list=train_list, classes="classes.txt", checkpoint_every=100, eval_k=10,
+        crf=CrfConfig(enabled=True)), **changes)
 
 
 PRESETS = {
@@ -163,15 +175,38 @@ def _set(obj, path, value, full_key):
 
 def load_yaml_overrides(path: str) -> dict:
     import yaml
-    with open(path) as handle:
-        data = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            data = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise ValueError(f"--config {path}: cannot read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
+        raise ValueError(f"--config {path}: expected a mapping of settings")
     return data
 
 
 def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+# Settings a resumed run may change: where and how it runs, not what it learns.
+RUNTIME_SETTINGS = frozenset({"device", "workers", "skip_bad", "log_every"})
+
+
+def differences(first: TrainConfig, second: TrainConfig) -> list[str]:
+    """Dotted names of the settings that differ (``optim.iterations``, ...)."""
+    def flat(data, prefix=""):
+        out = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = tuple(value) if isinstance(value, list) else value
+        return out
+    a, b = flat(to_dict(first)), flat(to_dict(second))
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
 def _build(kind, data: dict, where: str):

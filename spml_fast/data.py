@@ -39,9 +39,28 @@ class Entry:
     key: str = ""                    # the image path as written in the list (tags.json key)
 
 
-def read_list(root: str, list_file: str) -> list[Entry]:
-    """SPML list file: ``image [label [overseg]]`` per line, paths relative to ``root``; ``-`` = none."""
-    path = list_file if os.path.isabs(list_file) or os.path.exists(list_file) else os.path.join(root, list_file)
+def resolve_list(root: str, list_file: str) -> str:
+    """An absolute list path as given; a relative one is looked up in the data root only (a stray file of
+    the same name in the working directory must not change what a command measures)."""
+    if os.path.isabs(list_file):
+        return list_file
+    path = os.path.join(root, list_file)
+    if not os.path.isfile(path) and os.path.isfile(list_file):
+        raise DataError(f"list file not found: {path} (--list is relative to the data root; "
+                        f"for ./{list_file} give its absolute path)")
+    return path
+
+
+def _inside(root: str, path: str) -> bool:
+    real_root, real_path = os.path.realpath(root), os.path.realpath(path)
+    return os.path.commonpath([real_root, real_path]) == real_root
+
+
+def read_list(root: str, list_file: str, allow_outside_root: bool = False) -> list[Entry]:
+    """SPML list file: ``image [label [overseg]]`` per line, paths relative to ``root``; ``-`` = none.
+    A path that leaves the data root (``..``, absolute, a link out) is an error unless
+    ``allow_outside_root``."""
+    path = resolve_list(root, list_file)
     if not os.path.isfile(path):
         raise DataError(f"list file not found: {path}")
     entries = []
@@ -53,10 +72,32 @@ def read_list(root: str, list_file: str) -> list[Entry]:
             if len(fields) > 3:
                 raise DataError(f"{path}:{number}: expected 'image [label [overseg]]', got {len(fields)} fields")
             resolved = [None if f == "-" else os.path.join(root, f) for f in fields] + [None] * (3 - len(fields))
+            outside = [f for f, r in zip(fields, resolved) if r is not None and not _inside(root, r)]
+            if outside and not allow_outside_root:
+                raise DataError(f"{path}:{number}: {outside[0]} lies outside the data root {root} "
+                                "(allow it with --allow-outside-root)")
             entries.append(Entry(resolved[0], resolved[1], resolved[2], key=fields[0]))
     if not entries:
         raise DataError(f"list file is empty: {path}")
     return entries
+
+
+def check_entries(entries: list[Entry], skip_bad: bool = False) -> list[Entry]:
+    """Every file of every entry exists, checked before any work starts (not when a worker reaches it):
+    an error naming the first missing ones, or with ``skip_bad`` the entries without them dropped."""
+    missing = [(entry, path) for entry in entries for path in (entry.image, entry.label, entry.overseg)
+               if path is not None and not os.path.isfile(path)]
+    if not missing:
+        return entries
+    names = ", ".join(path for _, path in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    if not skip_bad:
+        raise DataError(f"{len(missing)} listed file(s) not found: {names} (--skip-bad skips them)")
+    warnings.warn(f"skipping {len(missing)} entries whose files are missing: {names}")
+    bad = {id(entry) for entry, _ in missing}
+    kept = [entry for entry in entries if id(entry) not in bad]
+    if not kept:
+        raise DataError("every listed image is missing")
+    return kept
 
 
 def read_folder(root: str, images: str = "images", labels: str = "labels") -> list[Entry]:
@@ -90,13 +131,39 @@ def read_classes(classes) -> list[str]:
         return [n.strip() for n in names if n.strip()]
 
 
-def load_image(path: str) -> np.ndarray:
+MAX_PIXELS = 64_000_000        # default limit of load_image (8000 x 8000); --max-pixels changes it
+
+
+def set_max_pixels(limit: int) -> None:
+    """The pixel limit of ``load_image`` for this process (the commands' ``--max-pixels``)."""
+    global MAX_PIXELS
+    if limit < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {limit}")
+    MAX_PIXELS = int(limit)
+
+
+def _check_size(image, path: str, kind: str, max_pixels: Optional[int] = None) -> None:
+    limit = max_pixels or MAX_PIXELS
+    width, height = image.size
+    if width * height > limit:
+        raise DataError(f"{kind} {path} is {width} x {height} = {width * height:,} pixels, above the limit of "
+                        f"{limit:,} (--max-pixels)")
+
+
+def load_image(path: str, max_pixels: Optional[int] = None) -> np.ndarray:
+    """RGB uint8 [H, W, 3]. An image above ``max_pixels`` (default ``MAX_PIXELS``) is refused from its
+    header, before decoding (a 17 KB PNG can hold 12000 x 12000 pixels): a DataError, like any bad file."""
     try:
         with Image.open(path) as image:
+            _check_size(image, path, "image", max_pixels)
             return np.asarray(image.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image {path} refused: {error}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
         raise DataError(f"cannot read image {path}: {error}") from None
 
 
@@ -104,10 +171,11 @@ def load_label(path: str, num_classes: int) -> np.ndarray:
     """Class id per pixel, 255 = unlabelled; any other value outside [0, K) is an error."""
     try:
         with Image.open(path) as image:
+            _check_size(image, path, "label map")
             label = np.asarray(image if image.mode in ("P", "L") else image.convert("L"), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"label map not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read label map {path}: {error}") from None
     values = np.unique(label)
     bad = values[(values >= num_classes) & (values != IGNORE)]
@@ -119,10 +187,11 @@ def load_label(path: str, num_classes: int) -> np.ndarray:
 def load_overseg(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
+            _check_size(image, path, "over-segmentation")
             array = np.asarray(image)
     except FileNotFoundError:
         raise DataError(f"over-segmentation not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read over-segmentation {path}: {error}") from None
     if array.ndim == 3:  # RGB-encoded region ids
         array = (array[..., 0].astype(np.int64) << 16) | (array[..., 1].astype(np.int64) << 8) | array[..., 2]
@@ -170,9 +239,15 @@ def tags_to_words(tags, num_classes: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    crop: int = 96                    # crop size (SPEC §8: 512)
+    crop: int = 96                    # crop size (the paper: 512)
     scale_range: tuple = (0.5, 1.5)
     mirror: bool = True
+
+    def __post_init__(self):
+        if self.crop < 16:
+            raise ValueError(f"--crop must be >= 16 pixels, got {self.crop}")
+        if not (0 < self.scale_range[0] <= self.scale_range[1]):
+            raise ValueError(f"augment.scale_range must be 0 < low <= high, got {self.scale_range}")
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

@@ -31,7 +31,7 @@ def demo(out: str, iterations: Optional[int] = None, scenes: SynthConfig = Synth
         if iterations:
             config = apply_overrides(config, {"optim.iterations": iterations})
         run_dir = os.path.join(out, preset)
-        train(config, run_dir, resume=True)
+        train(config, run_dir, resume="auto")
         loaded[preset] = load_for_eval(run_dir)
         result, class_names = run_eval(run_dir, loaded=loaded[preset])
         results[preset] = result
@@ -47,16 +47,16 @@ def demo(out: str, iterations: Optional[int] = None, scenes: SynthConfig = Synth
 
 @torch.no_grad()
 def save_figure(loaded, data: str, path: str, count: int = 4) -> None:
-    """loaded: ``load_for_eval`` of an SPML run (model, config, class names, bank)."""
+    """loaded: ``load_for_eval`` of a run: (run, model, head)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    model, config, class_names, head = loaded
-    predictor = run_predictor(config, model)
-    num_classes = len(class_names)
-    val_entries = read_list(data, config.val_list)[:count]
-    val_set = SegmentationDataset(val_entries, num_classes, data, train=False, overseg=config.overseg)
+    run, model, head = loaded
+    predictor = run_predictor(run, model)
+    num_classes = run.num_classes
+    val_entries = read_list(data, run.config.val_list)[:count]
+    val_set = SegmentationDataset(val_entries, num_classes, data, train=False, overseg=run.config.overseg)
     colours = np.array(palette()[:3 * 256]).reshape(256, 3).astype(np.uint8)
     fig, axes = plt.subplots(count, 4, figsize=(8, 2 * count))
     for row, entry in enumerate(val_entries):

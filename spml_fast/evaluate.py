@@ -1,43 +1,23 @@
-"""Evaluation (SPEC §10): a run's predictor (``inference``) against the
-prototype bank of its training list (``bank``), and mIoU from one confusion
-matrix over the split with a per-class table."""
+"""Evaluation: a run's predictor (``inference``, with the run's own
+inference settings: ``run.Run.predictor``) against the prototype bank of
+its training list (``bank``) or its class head, and mIoU from one
+confusion matrix over the split with a per-class table."""
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .config import TrainConfig, from_dict
-from .data import IGNORE, SegmentationDataset, read_list
+from .data import IGNORE, SegmentationDataset, check_entries, read_list
 from .inference import Head, PredictorConfig, predict_scores
-from .train import CHECKPOINT, SpmlModel, load_checkpoint
+from .run import Run, SpmlModel
 
 
-def load_run(checkpoint: str, device: str = "cpu") -> tuple[SpmlModel, TrainConfig, list[str]]:
-    """A run folder (or its checkpoint file) -> (model in eval mode, config, class names)."""
-    folder = checkpoint if os.path.isdir(checkpoint) else os.path.dirname(checkpoint)
-    path = os.path.join(checkpoint, CHECKPOINT) if os.path.isdir(checkpoint) else checkpoint
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"--checkpoint: no checkpoint at {path}")
-    if not os.path.exists(config_path):
-        raise ValueError(f"--checkpoint: no config.json beside {path}")
-    with open(config_path) as handle:
-        data = json.load(handle)
-    class_names = data.pop("class_names")
-    config = from_dict(data)
-    model = SpmlModel(config, len(class_names))
-    model.load_state_dict(load_checkpoint(path)["model"])
-    return model.to(device).eval(), config, class_names
-
-
-def run_predictor(config: TrainConfig, model: SpmlModel, window: Optional[int] = None) -> PredictorConfig:
-    """The run's evaluation predictor: the pce head's softmax, or k-NN (k = eval_k) against a bank."""
-    method = "classifier" if model.classifier is not None else "pixel-knn"
-    return PredictorConfig(method=method, k=config.eval_k, window=window, crf=config.crf)
+def run_predictor(run: Run, model: SpmlModel, window: Optional[int] = None) -> PredictorConfig:
+    """The run's predictor: its head's softmax when the model has one, else k-NN (k = eval_k) against a
+    bank; its CRF; ``window`` for sliding windows."""
+    return run.predictor(has_head=model.classifier is not None, window=window)
 
 
 def class_scores(model: SpmlModel, image: torch.Tensor, head: Head, predictor: PredictorConfig) -> torch.Tensor:
@@ -83,32 +63,34 @@ def format_table(result: dict, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def load_for_eval(checkpoint: str, bank_path: Optional[str] = None, device: str = "cpu", progress: bool = True,
-                  skip_bad: bool = False):
-    """(model, config, class names, head): the pce run's classifier, or the prototype bank from
-    ``bank_path`` or built from the run's bank/training list."""
+def load_for_eval(checkpoint, bank_path: Optional[str] = None, device: str = "cpu", progress: bool = True,
+                  skip_bad: bool = False) -> tuple[Run, SpmlModel, Head]:
+    """(run, model, head) of a run (a ``Run``, or its folder/checkpoint): the run's class head, or the
+    prototype bank from ``bank_path`` (which must come from this run's checkpoint) or built from the
+    run's bank/training list."""
     from .bank import build_run_bank, load_bank
-    model, config, class_names = load_run(checkpoint, device)
+    run = Run.of(checkpoint)
+    model = run.model(device)
     if model.classifier is not None:
-        return model, config, class_names, model.classifier
-    if bank_path:
-        head = load_bank(bank_path, device)
-        if head.class_names[:len(class_names)] != list(class_names):
-            raise ValueError(f"--bank {bank_path}: its classes {head.class_names} are not the run's {class_names}")
-    else:
-        head = build_run_bank(checkpoint, device=device, progress=progress, skip_bad=skip_bad,
-                              loaded_run=(model, config, class_names))
-    return model, config, class_names, head
+        return run, model, model.classifier
+    head = (load_bank(bank_path, device, run=run) if bank_path
+            else build_run_bank(run, device=device, progress=progress, skip_bad=skip_bad, model=model))
+    return run, model, head
 
 
 def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
              bank_path: Optional[str] = None, device: str = "cpu", window: Optional[int] = None,
              progress: bool = True, skip_bad: bool = False, loaded=None) -> tuple[dict, list[str]]:
-    """mIoU of a run on a list; ``loaded`` reuses a ``load_for_eval`` result."""
-    model, config, class_names, head = loaded or load_for_eval(checkpoint, bank_path, device, progress, skip_bad)
-    root = data_root or config.data_root
-    num_classes = len(class_names)
-    val_set = SegmentationDataset(read_list(root, list_file or config.val_list), num_classes, root, train=False,
-                                  overseg=config.overseg, skip_bad=skip_bad)
-    return evaluate(model, val_set, head, num_classes, run_predictor(config, model, window), device,
-                    progress), class_names
+    """mIoU of a run on a list (default: its validation list); ``loaded`` reuses a ``load_for_eval``
+    result. No image evaluated (all skipped) is an error, not a NaN."""
+    run, model, head = loaded or load_for_eval(checkpoint, bank_path, device, progress, skip_bad)
+    root = run.data_root(data_root)
+    entries = check_entries(read_list(root, list_file or run.config.val_list, run.config.allow_outside_root),
+                            skip_bad)
+    val_set = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=run.config.overseg,
+                                  skip_bad=skip_bad)
+    result = evaluate(model, val_set, head, run.num_classes, run_predictor(run, model, window), device, progress)
+    if result["pixels"] == 0:
+        raise ValueError(f"no labelled pixel was evaluated ({len(entries)} listed images, all skipped or "
+                         "unlabelled): no mIoU")
+    return result, run.class_names

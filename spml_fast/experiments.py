@@ -33,7 +33,7 @@ def _run(name: str, preset: str, overrides: dict, data: str, out: str, iteration
         overrides = dict(overrides, **{"optim.iterations": iterations})
     config = apply_overrides(config, overrides)
     run_dir = os.path.join(out, name)
-    train(config, run_dir, resume=True)      # a finished run only refreshes its config.json
+    train(config, run_dir, resume="auto")      # a finished run is reused
     try:
         result, _ = run_eval(run_dir, progress=False)
         return dict(mIoU=result["mIoU"], per_class=result["per_class"])

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bank import PrototypeBank
+from .config import DEFAULT_K                # a run's own k is TrainConfig.eval_k
 from .crf import CrfConfig, refine_batch
 from .data import MEAN, STD
 from .ops import nearest_prototype, segment_prototypes
@@ -40,7 +41,7 @@ METHODS = ("pixel-knn", "segment-knn", "classifier")
 @dataclass(frozen=True)
 class PredictorConfig:
     method: str = "pixel-knn"
-    k: int = 20                        # neighbours voting (k-NN methods)
+    k: int = DEFAULT_K                 # neighbours voting (k-NN methods)
     window: Optional[int] = None       # sliding-window side in pixels; None = the whole image at once
     scales: tuple = (1.0,)             # multi-scale factors, scores averaged
     segment_grid: int = 6              # segment-knn: k-means start grid per image

@@ -46,46 +46,109 @@ def torch_labeller(model, head, predictor, device="cpu") -> Callable[[np.ndarray
     return label
 
 
-def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, labels: np.ndarray, class_names: Optional[Sequence[str]] = None,
+            alpha: float = 0.5) -> np.ndarray:
+    """The label colours over the image at ``alpha``, with a legend of the classes present when their
+    names are known."""
     colours = np.array(palette()[:768], dtype=np.float32).reshape(256, 3)
-    return (image.astype(np.float32) * (1 - alpha) + colours[labels] * alpha).round().astype(np.uint8)
+    blended = (image.astype(np.float32) * (1 - alpha) + colours[labels] * alpha).round().astype(np.uint8)
+    if not class_names:
+        return blended
+    from PIL import Image, ImageDraw
+    canvas = Image.fromarray(blended)
+    draw = ImageDraw.Draw(canvas)
+    present = [int(c) for c in np.unique(labels) if int(c) < len(class_names)]
+    for row, cls in enumerate(present):
+        top = 2 + 12 * row
+        if top + 10 > canvas.height:
+            break
+        draw.rectangle([2, top, 11, top + 9], fill=tuple(int(v) for v in colours[cls]), outline=(255, 255, 255))
+        draw.text((14, top - 1), str(class_names[cls]), fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def output_names(paths: Sequence[str]) -> dict:
+    """input path -> (label PNG name, overlay PNG name); two inputs that would write one file (a/x.png and
+    b/x.png, x.png and x.jpg, y_overlay.png beside y.png) are an error before anything runs."""
+    names, writer = {}, {}
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        names[path] = (f"{stem}.png", f"{stem}_overlay.png")
+        for name in names[path]:
+            if name in writer and writer[name] != path:
+                raise ValueError(f"predict: {writer[name]} and {path} would both write {name}; rename one, or "
+                                 "predict them into separate --out folders")
+            writer[name] = path
+    return names
 
 
 def predict_files(images: Sequence[str], out_dir: str, labeller: Callable[[np.ndarray], np.ndarray],
-                  progress: bool = True) -> tuple[int, list[str]]:
+                  progress: bool = True, class_names: Optional[Sequence[str]] = None) -> tuple[int, list[str]]:
     """Returns (images written, failures as 'path: reason')."""
+    from PIL import Image
     from tqdm import tqdm
+    paths = expand_images(images)
+    names = output_names(paths)
+    inputs = {os.path.realpath(p) for p in paths}
+    for path, outputs in names.items():
+        for name in outputs:
+            if os.path.realpath(os.path.join(out_dir, name)) in inputs:
+                raise ValueError(f"predict: writing {name} into --out {out_dir} would overwrite an input image")
     os.makedirs(out_dir, exist_ok=True)
     written, failures = 0, []
-    for path in tqdm(expand_images(images), desc="predict", disable=not progress, unit="image"):
+    for path in tqdm(paths, desc="predict", disable=not progress, unit="image"):
         try:
             image = load_image(path)
-        except DataError as error:  # unreadable or missing: report, go on with the rest
+        except DataError as error:  # unreadable, missing or over the pixel limit: report, go on
             failures.append(f"{path}: {error}")
             print(f"warning: skipped {path}: {error}", file=sys.stderr)
             continue
         labels = np.asarray(labeller(image)).astype(np.uint8)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        save_png(os.path.join(out_dir, f"{stem}.png"), labels, palette())
-        from PIL import Image
-        with atomic_path(os.path.join(out_dir, f"{stem}_overlay.png")) as temp:
-            Image.fromarray(overlay(image, labels)).save(temp, format="PNG")
+        label_name, overlay_name = names[path]
+        save_png(os.path.join(out_dir, label_name), labels, palette())
+        with atomic_path(os.path.join(out_dir, overlay_name)) as temp:
+            Image.fromarray(overlay(image, labels, class_names)).save(temp, format="PNG")
         written += 1
     return written, failures
 
 
+# predict's options that choose how a run predicts; an exported model fixed them at export
+PREDICTOR_OPTIONS = ("k", "method", "window", "scales", "crf")
+
+
 def make_labeller(checkpoint: Optional[str], bank: Optional[str], classifier: Optional[str],
-                  model_file: Optional[str], predictor, providers: str = "auto", device="cpu"):
-    """The labeller for ``predict``'s options (exactly one of --checkpoint and --model)."""
+                  model_file: Optional[str], predictor_options: Optional[dict] = None, providers: str = "auto",
+                  device: Optional[str] = None):
+    """(labeller, class names) for ``predict``'s options: exactly one of --checkpoint and --model.
+    predictor_options: the PredictorConfig fields given explicitly (None = the run's own settings)."""
+    options = {key: value for key, value in (predictor_options or {}).items() if value is not None}
     if bool(checkpoint) == bool(model_file):
-        raise ValueError("give either --checkpoint RUN (with --bank or --classifier) or --model FILE")
+        raise ValueError("give either --checkpoint RUN (optionally with --bank or --classifier) or --model FILE")
     if model_file:
+        given = [f"--{key}" for key in options] + (["--device"] if device else []) + (
+            ["--classifier"] if classifier else [])
+        if given:
+            raise ValueError(f"--model {model_file} runs the graph as it was exported: {', '.join(given)} do not "
+                             "apply to it (export again with other settings, or predict from --checkpoint)")
         from .runtime import Segmenter
-        segmenter = Segmenter(model_file, providers=providers, bank=bank, batch_size=1)
-        return lambda image: segmenter.predict([image])[0]
-    from spml_fast.export.pipeline import load_deployable
-    deployable = load_deployable(checkpoint, bank, classifier, device)
-    head = deployable.bank if deployable.bank is not None else deployable.classifier
+        segmenter = Segmenter(model_file, providers=providers, bank=None, batch_size=1) if not bank else None
+        if segmenter is None:
+            from .export.onnx_export import read_metadata
+            if not (model_file.endswith(".onnx") and read_metadata(model_file).get("bank_as_input")):
+                raise ValueError(f"--bank {bank}: {model_file} has its bank built in (exported without "
+                                 "--bank-as-input); it would be ignored")
+            segmenter = Segmenter(model_file, providers=providers, bank=bank, batch_size=1)
+        return (lambda image: segmenter.predict([image])[0]), segmenter.class_names
     from dataclasses import replace
-    predictor = replace(predictor, method="classifier") if deployable.bank is None else predictor
-    return torch_labeller(deployable.embedding_net.to(device).eval(), head, predictor, device)
+
+    from spml_fast.export.pipeline import load_deployable
+    from .inference import PredictorConfig
+    device = device or "cpu"
+    deployable = load_deployable(checkpoint, bank, classifier, device)
+    if deployable.bank is None and options.get("method", "classifier") != "classifier":
+        raise ValueError(f"--method {options['method']} votes against a prototype bank: give --bank BANK")
+    head = deployable.bank if deployable.bank is not None else deployable.classifier
+    predictor = replace(PredictorConfig(method=deployable.method, k=deployable.k, crf=deployable.crf), **options)
+    if deployable.bank is None:
+        predictor = replace(predictor, method="classifier")
+    return torch_labeller(deployable.embedding_net.to(device).eval(), head, predictor, device), deployable.class_names

@@ -113,9 +113,10 @@ def run_job(job: Job) -> dict:
     config = apply_overrides(PRESETS[OBJECTIVES[job.objective]], {
         "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
         "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
-    train(config, job.run_dir, resume=True, progress=False)
-    model, run_config, class_names, head = load_for_eval(job.run_dir, progress=False)
-    predictor = run_predictor(run_config, model)
+    train(config, job.run_dir, resume="auto", progress=False)
+    run, model, head = load_for_eval(job.run_dir, progress=False)
+    run_config, class_names = run.config, run.class_names
+    predictor = run_predictor(run, model)
     val = SegmentationDataset(read_list(job.data, run_config.val_list), len(class_names), job.data, train=False,
                               overseg=run_config.overseg)
     result = dict(family=job.family, objective=job.objective, seed=job.seed)

@@ -41,7 +41,11 @@ def make_session(path: str, providers: str = "auto", threads: Optional[int] = No
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=wanted)
+    try:
+        session = ort.InferenceSession(path, options, providers=wanted)
+    except Exception as error:  # onnxruntime's own errors for a torn or invalid model
+        raise ValueError(f"--model {path}: not a readable ONNX model ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]})") from None
     if providers in ("tensorrt", "cuda") and session.get_providers()[0] != wanted[0]:
         raise ProviderFallbackError(f"providers={providers}: the session fell back to {session.get_providers()} "
                                     f"(is the CUDA/TensorRT runtime loadable?)")
@@ -56,11 +60,16 @@ class Segmenter:
         providers: auto | tensorrt | cuda | cpu (ONNX models).
         bank: a ``PrototypeBank`` (or the path of one) for a model exported with ``--bank-as-input``.
         batch_size: images of equal size run together, this many at a time.
+        apply_crf: refine the scores with the dense CRF the run evaluated with, when the export recorded
+            one (``predict`` then reproduces ``eval``); the graph itself holds no CRF.
     """
 
     def __init__(self, model: str, providers: str = "auto", bank=None, batch_size: int = 4,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = None, apply_crf: bool = True):
+        import os
         from spml_fast.export.onnx_export import read_metadata
+        if not os.path.isfile(model):
+            raise ValueError(f"--model {model}: no such file")
         self.path = model
         self.batch_size = max(1, int(batch_size))
         self.engine = None
@@ -76,8 +85,8 @@ class Segmenter:
             with open(sidecar) as handle:
                 self.metadata = json.load(handle)
         elif model.endswith(".onnx"):
-            self.session = make_session(model, providers, threads)
             self.metadata = read_metadata(model)
+            self.session = make_session(model, providers, threads)
         else:
             raise ValueError(f"model {model}: expected a .onnx file or a TensorRT .plan/.engine")
         self.uint8_input = bool(self.metadata.get("uint8_input"))
@@ -95,6 +104,9 @@ class Segmenter:
                                  f"{capacity} (export again with a larger --extra-classes)")
             self.bank_inputs = (bank.prototypes.float().numpy(), bank.labels.long().numpy())
             self.class_names = bank.class_names
+        crf = self.metadata.get("crf") if apply_crf else None
+        from spml_fast.crf import CrfConfig
+        self.crf = CrfConfig(**crf) if crf else None
 
     @property
     def providers(self) -> list[str]:
@@ -141,7 +153,10 @@ class Segmenter:
         for indices in by_size.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start:start + self.batch_size]
-                labels, _ = self.run(self._prepare(np.stack([images[i] for i in chunk])))
-                for i, label in zip(chunk, labels):
+                labels, scores = self.run(self._prepare(np.stack([images[i] for i in chunk])))
+                for i, label, score in zip(chunk, labels, scores):
+                    if self.crf is not None:
+                        from spml_fast.crf import refine
+                        label = refine(score, images[i], self.crf).argmax(0).astype(np.int32)
                     results[i] = label
         return results

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from spml_fast.data import (DataError, EpochSampler, SegmentationDataset, collate, read_classes, read_folder,
-                            read_list, tags_to_words)
+from spml_fast.data import (DataError, EpochSampler, SegmentationDataset, check_entries, collate, load_image,
+                            read_classes, read_folder, read_list, tags_to_words)
 from spml_fast.synth import CLASSES, SynthConfig, make_scene, write_dataset
 
 
@@ -62,7 +62,8 @@ def test_given_overseg_column(synth_root, tmp_path):
     Image.fromarray(regions).save(tmp_path / "regions.png")
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"JPEGImages/0000.png scribble/0000.png {tmp_path / 'regions.png'}\n")
-    dataset = SegmentationDataset(read_list(synth_root, str(list_file)), len(CLASSES), synth_root, train=False)
+    dataset = SegmentationDataset(read_list(synth_root, str(list_file), allow_outside_root=True), len(CLASSES),
+                                  synth_root, train=False)
     assert int(dataset[0]["overseg"].max()) == int(regions.max())
 
 
@@ -119,8 +120,8 @@ def test_missing_image_names_the_file(synth_root, tmp_path):
 
 def test_unreadable_image_names_the_file(synth_root, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, str(tmp_path / "broken.png"))),
-                                  len(CLASSES), synth_root, train=False)
+    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, str(tmp_path / "broken.png")),
+                                            allow_outside_root=True), len(CLASSES), synth_root, train=False)
     with pytest.raises(DataError, match="cannot read image .*broken.png"):
         dataset[0]
 
@@ -130,8 +131,8 @@ def test_label_out_of_range_names_file_and_value(synth_root, tmp_path):
     label[3, 3] = 17
     Image.fromarray(label).save(tmp_path / "bad_label.png")
     line = f"JPEGImages/0000.png {tmp_path / 'bad_label.png'}"
-    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, line)), len(CLASSES), synth_root,
-                                  train=False)
+    dataset = SegmentationDataset(read_list(synth_root, _write_list(tmp_path, line), allow_outside_root=True),
+                                  len(CLASSES), synth_root, train=False)
     with pytest.raises(DataError, match=r"bad_label.png holds value 17, outside \[0, 6\)"):
         dataset[0]
 
@@ -214,3 +215,54 @@ def test_scene_statistics_measure_the_unlabelled_rims():
     cell = dict(mIoU=0.5, per_class=[0.5])
     text = to_markdown({"supervision": {"scribbles": cell}, "ablation": {}, "baseline": cell, "scenes": middle_only})
     assert f"{100 * middle_only['rim_fraction']:.0f}% of the object pixels" in text
+
+
+def test_list_paths_stay_in_the_data_root_and_the_list_is_looked_up_there(synth_root, tmp_path, monkeypatch):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("../../etc/passwd\n")
+    with pytest.raises(DataError, match="outside the data root"):
+        read_list(synth_root, str(outside))
+    outside.write_text(f"{tmp_path / 'x.png'}\n")
+    with pytest.raises(DataError, match="--allow-outside-root"):
+        read_list(synth_root, str(outside))
+    assert read_list(synth_root, str(outside), allow_outside_root=True)[0].image == str(tmp_path / "x.png")
+    # a stray val.txt in the working directory does not replace the data root's
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "val.txt").write_text("JPEGImages/0000.png segcls/0000.png\n")
+    entries = read_list(synth_root, "val.txt")
+    assert len(entries) == 2 and entries[0].image.startswith(synth_root)
+    (tmp_path / "only_here.txt").write_text("JPEGImages/0000.png\n")
+    with pytest.raises(DataError, match="relative to the data root"):
+        read_list(synth_root, "only_here.txt")
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height (the CRC fixed): what a decompression bomb looks like."""
+    import struct
+    import zlib
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(open(path, "rb").read())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("side", [12000, 30000])
+def test_oversized_images_are_refused_from_their_header(tmp_path, side):
+    path = tmp_path / "huge.png"
+    _png_claiming(path, side, side)
+    with pytest.raises(DataError, match="huge.png") as caught:
+        load_image(str(path))
+    assert "--max-pixels" in str(caught.value) or "refused" in str(caught.value)
+    Image.new("RGB", (20, 10)).save(tmp_path / "small.png")
+    with pytest.raises(DataError, match="above the limit of 100"):
+        load_image(str(tmp_path / "small.png"), max_pixels=100)
+    assert load_image(str(tmp_path / "small.png")).shape == (10, 20, 3)
+
+
+def test_listed_files_are_checked_before_any_work(synth_root, tmp_path):
+    entries = read_list(synth_root, _write_list(tmp_path, "JPEGImages/0000.png\nJPEGImages/gone.png"))
+    with pytest.raises(DataError, match="1 listed file.*gone.png.*--skip-bad"):
+        check_entries(entries)
+    with pytest.warns(UserWarning, match="gone.png"):
+        assert len(check_entries(entries, skip_bad=True)) == 1

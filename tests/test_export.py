@@ -71,14 +71,19 @@ def test_whitelist_walk_catches_forbidden_ops():
 
 def test_runtime_segmenter_batches_and_matches_the_session(exported):
     path, _ = exported
-    segmenter = Segmenter(path, providers="cpu", batch_size=2)
+    segmenter = Segmenter(path, providers="cpu", batch_size=2, apply_crf=False)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (40, 52, 3), dtype=np.uint8) for _ in range(3)] + \
              [rng.integers(0, 255, (33, 47, 3), dtype=np.uint8)]
     labels = segmenter.predict(images)
     assert [l.shape for l in labels] == [(40, 52)] * 3 + [(33, 47)]
-    single, _ = segmenter.run(images[3][None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
+    single, scores = segmenter.run(images[3][None].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     np.testing.assert_array_equal(single[0], labels[3])
+    # the run evaluated with a CRF: by default the runtime applies it after the graph, as eval does
+    from spml_fast.crf import refine
+    with_crf = Segmenter(path, providers="cpu", batch_size=2)
+    assert with_crf.crf is not None and with_crf.crf.enabled
+    np.testing.assert_array_equal(with_crf.predict(images)[3], refine(scores[0], images[3], with_crf.crf).argmax(0))
     with pytest.raises(ValueError, match=r"images\[0\]"):
         segmenter.predict([np.zeros((10, 10), np.uint8)])
 

@@ -1,6 +1,7 @@
 """The trainer on a tiny configuration: exact resume after a kill, the pce objective, the CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -82,4 +83,133 @@ def test_cli_errors_name_the_problem(tiny_root, tmp_path):
     assert done.returncode == 2 and "unknown setting 'optim.nope'" in done.stderr
     done = subprocess.run([sys.executable, "-m", "spml_fast", "eval", "--checkpoint", str(tmp_path / "none")],
                           capture_output=True, text=True)
-    assert done.returncode == 2 and "no checkpoint" in done.stderr
+    assert done.returncode == 2 and "no such run folder or checkpoint" in done.stderr
+
+
+def test_run_folder_rules(tiny_root, tmp_path):
+    """A new run never overwrites one; --resume needs a run and continues it with its own settings."""
+    from spml_fast.run import RunError
+    config = tiny_config(tiny_root, iterations=2)
+    run = str(tmp_path / "run")
+    with pytest.raises(RunError, match="nothing to continue"):
+        train(config, run, resume=True, progress=False)
+    train(config, run, progress=False)
+    saved = json.load(open(os.path.join(run, "config.json")))
+    assert os.path.isabs(saved["data_root"]) and saved["data_root"] == os.path.abspath(tiny_root)
+    before = open(os.path.join(run, "checkpoint.pt"), "rb").read()
+    with pytest.raises(RunError, match="already holds a run"):
+        train(config, run, progress=False)
+    with pytest.raises(RunError, match="optim.iterations"):
+        train(apply_overrides(config, {"optim.iterations": 5}), run, resume=True, progress=False)
+    assert open(os.path.join(run, "checkpoint.pt"), "rb").read() == before           # nothing was rewritten
+    cli = [sys.executable, "-m", "spml_fast", "train"]
+    done = subprocess.run(cli + ["--resume", "--out", run, "--iterations", "50"], capture_output=True, text=True)
+    assert done.returncode == 2 and "optim.iterations" in done.stderr
+    done = subprocess.run(cli + ["--resume", "--out", run, "--preset", "synthetic-scribble-pce"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "synthetic-scribble-pce" in done.stderr
+    assert json.load(open(os.path.join(run, "config.json"))) == saved                   # config.json untouched
+    # a run folder opens from any working directory
+    done = subprocess.run([sys.executable, "-m", "spml_fast", "eval", "--checkpoint", os.path.abspath(run), "--json"],
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+
+
+KILL_MID_CHECKPOINT = r"""
+import os, signal, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_train import tiny_config
+import spml_fast.run as run_module
+from spml_fast.train import train
+original, calls = torch.save, []
+def dying_save(state, path):                     # the 2nd checkpoint: half written, then SIGKILL
+    calls.append(path)
+    if len(calls) == 2:
+        with open(path, "wb") as handle:
+            handle.write(b"PK\x03\x04 half a zip")
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(state, path)
+run_module.torch.save = dying_save
+train(tiny_config(sys.argv[2]), sys.argv[3], progress=False)
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_bit_exactly(tiny_root, tmp_path):
+    tests = os.path.dirname(__file__)
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    train(tiny_config(tiny_root), straight, progress=False)
+    done = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, tests, tiny_root, killed], capture_output=True,
+                          text=True)
+    assert done.returncode == -9, done.stderr                    # killed while writing iteration 4's checkpoint
+    assert load_checkpoint(os.path.join(killed, "checkpoint.pt"))["iteration"] == 2   # the last good one, intact
+    assert any(name.startswith(".tmp-") for name in os.listdir(killed))              # the torn temp file
+    with open(os.path.join(killed, "metrics.jsonl"), "a") as log:
+        log.write('{"iteration": 4, "lo')                                            # and a torn log line
+    train(tiny_config(tiny_root), killed, resume=True, progress=False)
+    assert not any(name.startswith(".tmp-") for name in os.listdir(killed))          # cleaned on the next write
+    first, second = (load_checkpoint(os.path.join(r, "checkpoint.pt")) for r in (straight, killed))
+    assert first["iteration"] == second["iteration"] == 6
+    for name, value in first["model"].items():
+        assert torch.equal(value, second["model"][name]), name
+
+
+def test_failed_checkpoint_write_keeps_the_previous(tiny_root, tmp_path, monkeypatch):
+    import spml_fast.run as run_module
+    from spml_fast.run import RunError, save_checkpoint
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    before = open(path, "rb").read()
+
+    def disk_full(state, target):
+        with open(target, "wb") as handle:
+            handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(run_module.torch, "save", disk_full)
+    with pytest.raises(RunError, match="previous checkpoint, if any, is intact"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    assert open(path, "rb").read() == before
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(tiny_root, tmp_path, monkeypatch):
+    import spml_fast.train as train_module
+    from spml_fast.train import TrainingInterrupted
+    real_step, calls = train_module.training_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "training_step", interrupted)
+    run = str(tmp_path / "run")
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(tiny_config(tiny_root), run, progress=False)
+    message = str(caught.value)
+    assert "iteration 3" in message and "holds iteration 2" in message and f"--resume --out {run}" in message
+
+
+def test_settings_are_validated_before_training(tiny_root, tmp_path):
+    cli = [sys.executable, "-m", "spml_fast", "train", "--preset", "synthetic-scribble", "--data", tiny_root,
+           "--out", str(tmp_path / "run"), "--workers", "0"]
+    for flags, expected in ((["--batch", "0"], "--batch"), (["--iterations", "0"], "--iterations"),
+                            (["--crop", "0"], "--crop"), (["--classes", "4"], "classes.txt names 6"),
+                            (["--config", str(tmp_path / "nofile.yaml")], "nofile.yaml")):
+        done = subprocess.run(cli + flags, capture_output=True, text=True)
+        assert done.returncode == 2 and expected in done.stderr, (flags, done.stderr)
+        assert "Traceback" not in done.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_a_bad_file_found_by_a_worker_is_one_clear_line(tiny_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    for image in (root / "JPEGImages").iterdir():              # the first batch a worker loads is bad
+        image.write_bytes(b"not a png")
+    done = subprocess.run([sys.executable, "-m", "spml_fast", "train", "--preset", "synthetic-scribble", "--data",
+                           str(root), "--out", str(tmp_path / "run"), "--workers", "1", "--iterations", "2",
+                           "--batch", "2", "--crop", "40", "--set", "model.width=8"], capture_output=True, text=True)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "error: cannot read image" in errors[0] and "JPEGImages" in errors[0]
+    assert "Traceback" not in done.stderr
