@@ -1,4 +1,4 @@
-"""Class activation maps (CAM) from image tags: the pseudo-label maps SPEC §7
+"""Class activation maps (CAM) from image tags: the pseudo-label maps of docs/data.md
 names for tag supervision ("CAMs thresholded at 0.2").
 
 ``spml-fast cam`` trains a multi-label classifier on the tags of a list
@@ -32,7 +32,7 @@ class CamConfig:
     lr: float = 0.01
     width: int = 32                  # small backbone width
     crop: int = 96
-    threshold: float = 0.2           # background where no normalised CAM reaches this (SPEC §7)
+    threshold: float = 0.2           # background where no normalised CAM reaches this (docs/data.md, label maps)
     seed: int = 0
 
 

@@ -1,4 +1,4 @@
-"""Training configuration: typed dataclasses, presets (SPEC §6, §8), and
+"""Training configuration: typed dataclasses, presets (docs/method.md: relations, training recipe), and
 overrides from a YAML file or ``section.field=value`` strings."""
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class TrainConfig:
     data_root: str = ""
     train_list: str = ""
     val_list: str = "val.txt"
-    bank_list: str = ""                     # labels for the prototype bank; "" = train_list (SPEC §7 pseudo-labels)
+    bank_list: str = ""                     # labels of the prototype bank; "" = train_list (pseudo-labels: docs/data.md)
     classes: str = "21"
     seed: int = 0
     device: str = "cpu"

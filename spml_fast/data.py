@@ -1,7 +1,7 @@
-"""Datasets (SPEC §7, §11): SPML list files, a plain folder of images and PNG
+"""Datasets (docs/data.md): SPML list files, a plain folder of images and PNG
 label maps, weak annotations turned into pixel labels, over-segmentations
-(read, or computed with scikit-image and cached), and the augmentations of
-SPEC §8.
+(read, or computed with scikit-image and cached), and the training
+augmentations (docs/method.md, training recipe).
 
 Every random choice of the training pipeline is a pure function of
 (seed, epoch, position in the epoch), whatever the worker scheduling, so a

@@ -46,7 +46,7 @@ def run_experiments(out: str, iterations: Optional[int] = None, scenes: SynthCon
     README's comparison)."""
     data = os.path.join(out, "data")
     write_dataset(data, scenes)
-    if not os.path.exists(os.path.join(data, "train_cam.txt")):     # tags: CAM pseudo-labels (SPEC §7)
+    if not os.path.exists(os.path.join(data, "train_cam.txt")):     # tags: CAM pseudo-labels (docs/data.md, label maps)
         from .cam import write_cam_labels
         from .synth import CLASSES
         write_cam_labels(data, "train_tag.txt", "train_cam.txt", len(CLASSES))

@@ -1,4 +1,4 @@
-"""Predictors (SPEC §9) on the tiled primitives: class scores of images from
+"""Predictors (docs/method.md, inference) on the tiled primitives: class scores of images from
 their unit embeddings.
 
 - ``pixel-knn``: each pixel votes with the labels of its k nearest bank

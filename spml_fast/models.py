@@ -1,4 +1,4 @@
-"""The embedding network (SPEC §3): a dilated ResNet with output stride 8, an
+"""The embedding network (docs/method.md, embedding network): a dilated ResNet with output stride 8, an
 ASPP head (rates 6/12/18/24) to D channels, x2 upsampling to stride 4, and L2
 normalisation over channels; plus a small backbone fit for CPU training.
 

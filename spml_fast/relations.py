@@ -1,4 +1,4 @@
-"""The four pixel-to-segment relations of SPML (SPEC §6), each one call of
+"""The four pixel-to-segment relations of SPML (docs/method.md, relations), each one call of
 ``pixel_segment_loss``, the memory bank, and the distributed gather.
 
   I  low-level image similarity  same over-segmentation region, within the image
@@ -7,7 +7,7 @@
   A  feature affinity            label sets of the most similar labelled segments intersect
 
 Relation I is one group-mode call averaged over all non-padding pixels of the
-batch (SPEC §6 allows this; it differs from the per-image average of the
+batch (the docs allow either; it differs from the per-image average of the
 release only through padding). C, O and A contrast against the current
 segments of every rank plus the memory bank.
 """
@@ -70,7 +70,7 @@ class BankSegments:
 
 
 class MemoryBank:
-    """The segments of the last ``size`` iterations (SPEC §6), state-dict serialisable."""
+    """The segments of the last ``size`` iterations (docs/method.md, relations), state-dict serialisable."""
 
     def __init__(self, size: int):
         self.entries: deque = deque(maxlen=max(size, 0))

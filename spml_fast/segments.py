@@ -1,4 +1,4 @@
-"""SegSort segments of a batch (SPEC §4) and their attributes.
+"""SegSort segments of a batch (docs/method.md, segments) and their attributes.
 
 Per image: spherical k-means on [embedding, y, x] from a regular grid, then
 the clusters are split so that a segment never mixes labels or

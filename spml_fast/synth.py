@@ -1,5 +1,5 @@
 """The built-in default dataset: seeded, deterministic synthetic scenes in the
-SPML list-file layout (SPEC §11), with exact masks and all four weak
+SPML list-file layout (docs/data.md, layouts), with exact masks and all four weak
 annotations derived from them.
 
 Each scene has a textured background (smooth noise in a random earth-tone
@@ -25,7 +25,7 @@ extrapolated from the labelled ones alone. Written:
   segcls/NNNN.png            exact class mask (evaluation)
   scribble/NNNN.png          strokes per object and background, 255 = unlabelled
   point/NNNN.png             one dilated point per object, two for background
-  box/NNNN.png               0 outside every box, 255 inside (SPEC §7)
+  box/NNNN.png               0 outside every box, 255 inside (docs/data.md, label maps)
   boxfill/NNNN.png           box pseudo-labels: inside a box its class (smaller boxes on top), 0 outside
   tags.json                  {"JPEGImages/NNNN.png": [classes present, background excluded]}
   classes.txt                class names, one per line

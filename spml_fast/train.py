@@ -1,4 +1,4 @@
-"""The SPML trainer (SPEC §8): SGD with warm-up and poly decay, the four
+"""The SPML trainer (docs/method.md, training recipe): SGD with warm-up and poly decay, the four
 relations (or the partial cross-entropy baseline), atomic checkpoints with
 everything needed to resume exactly, a tqdm bar, a JSONL metrics log, and
 torch.distributed DDP when started by torchrun.

@@ -1,4 +1,4 @@
-"""CAM pseudo-labels from image tags (tag supervision, SPEC §7)."""
+"""CAM pseudo-labels from image tags (tag supervision, docs/data.md, label maps)."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Bad input to pixel_segment_loss raises ValueError naming the argument (SPEC §12)."""
+"""Bad input to pixel_segment_loss raises ValueError naming the argument (docs/method.md, the loss)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Label-defined membership of (pixel, segment) pairs in PyTorch (SPEC §5).
+"""Label-defined membership of (pixel, segment) pairs in PyTorch (docs/method.md, the loss).
 
 Used by the tiled CPU path on one pixel chunk at a time and by the dense
 reference on the whole batch; the Triton kernels have their own copy in
@@ -40,7 +40,7 @@ def participating_pixels(pixel_labels: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_pixel_losses(per_pixel: torch.Tensor, participating: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply SPEC §5's reduction to per-pixel losses [N] (0 where not participating)."""
+    """Apply the the loss section's reduction to per-pixel losses [N] (0 where not participating)."""
     if reduction == "none":
         return per_pixel
     if reduction == "sum":

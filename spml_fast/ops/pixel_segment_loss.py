@@ -1,4 +1,4 @@
-"""The pixel-to-segment contrastive loss (SPEC §5): autograd wrapper, tiled
+"""The pixel-to-segment contrastive loss (docs/method.md, the loss): autograd wrapper, tiled
 PyTorch path, dispatch to the Triton kernels, and the public entry.
 
 Decomposition shared by every path. For pixel i the streamed part covers the
@@ -410,7 +410,7 @@ def pixel_segment_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, segme
                        prototype_groups: Optional[torch.Tensor] = None,
                        reduction: str = "mean", *, backend: str = "auto",
                        tiles: TileConfig = DEFAULT) -> torch.Tensor:
-    """Pixel-to-segment contrastive loss of SPML (SPEC §5, §12), without any N x M tensor.
+    """Pixel-to-segment contrastive loss of SPML (docs/method.md, the loss), without any N x M tensor.
 
     Args:
         embeddings: [N, D] float32 / bfloat16 / float16 (float64: PyTorch path only), any strides.

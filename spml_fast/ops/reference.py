@@ -15,7 +15,7 @@ from .membership import membership, participating_pixels, reduce_pixel_losses
 
 def pixel_segment_loss_dense(embeddings, prototypes, segment, pixel_labels, prototype_labels, kappa=10.0,
                              pixel_groups=None, prototype_groups=None, reduction="mean") -> torch.Tensor:
-    """SPEC §5 written out densely: embeddings [N, D], prototypes [M, D] -> loss (float32)."""
+    """docs/method.md, the loss written out densely: embeddings [N, D], prototypes [M, D] -> loss (float32)."""
     logits = kappa * embeddings.float() @ prototypes.float().t()                  # [N, M]
     positive, negative = membership(pixel_labels, prototype_labels, pixel_groups, prototype_groups)
     own = F.one_hot(segment, prototypes.shape[0]).bool()                          # [N, M]

@@ -1,4 +1,4 @@
-"""Segment prototypes: the L2-normalised mean embedding of each segment (SPEC §4).
+"""Segment prototypes: the L2-normalised mean embedding of each segment (docs/method.md, segments).
 
 Forward: per-segment sums (Triton atomics on CUDA / under the interpreter,
 ``index_add_`` in PyTorch) then normalisation; the normalised mean equals

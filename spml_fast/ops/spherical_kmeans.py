@@ -1,5 +1,5 @@
 """SegSort's per-image spherical (von Mises-Fisher) k-means, for a whole batch
-at once (SPEC §4): clusters carry the image (group) they started in, and the
+at once (docs/method.md, segments): clusters carry the image (group) they started in, and the
 E-step only considers the clusters of the pixel's own image, so one
 nearest_prototype call serves every image; no Python loop over images.
 """
