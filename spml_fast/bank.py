@@ -23,7 +23,7 @@ import torch
 from .data import IGNORE, MEAN, STD, SegmentationDataset
 from .io import atomic_path, save_json
 from .ops import segment_prototypes
-from .run import Run, RunError, file_sha256
+from .run import Run, RunError
 from .segments import cluster_embeddings, pool_labels
 
 EMBEDDING_STRIDE = 4          # the embedding map is H/4 x W/4 (models.EmbeddingNet)

@@ -250,10 +250,10 @@ def _add_eval(subparsers) -> None:
     evaluate.add_argument("--classes", metavar="N|FILE", help="must match the run's classes when given")
     evaluate.add_argument("--bank", metavar="BANK", help="prototype bank of this run (default: built from the "
                                                          "run's training list)")
-    evaluate.add_argument("--window", type=int, help="sliding-window side for large images")
     evaluate.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the network runs")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
+    _add_predictor_flags(evaluate)
     _add_data_flags(evaluate)
     evaluate.set_defaults(run=run_eval_command)
 
@@ -279,8 +279,9 @@ def run_eval_command(args) -> int:
     if args.allow_outside_root:
         run = run.with_settings(allow_outside_root=True)
     loaded = load_for_eval(run, args.bank, args.device, not args.json, args.skip_bad)
-    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device, args.window,
-                                   progress=not args.json, skip_bad=args.skip_bad, loaded=loaded)
+    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device,
+                                   progress=not args.json, skip_bad=args.skip_bad, loaded=loaded,
+                                   options=_predictor_options(args))
     if args.json:
         print(json.dumps(dict(result, classes=class_names)))
     else:
@@ -455,7 +456,7 @@ def run_export(args) -> int:
         if key in result:
             print(format_report(result[key]))
     print(f"exported {args.format} to {result.get('repository', args.out)} (k = {config.k}"
-          + (f", CRF applied by the runtime" if deployable.crf is not None and deployable.crf.enabled else "") + ")")
+          + (", CRF applied by the runtime" if deployable.crf is not None and deployable.crf.enabled else "") + ")")
     return 0
 
 

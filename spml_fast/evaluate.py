@@ -4,12 +4,14 @@ its training list (``bank``) or its class head, and mIoU from one
 confusion matrix over the split with a per-class table."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
 import torch
 
 from .data import IGNORE, SegmentationDataset, check_entries, read_list
+from .bank import PrototypeBank, build_run_bank, load_bank
 from .inference import Head, PredictorConfig, predict_scores
 from .run import Run, SpmlModel
 
@@ -68,7 +70,6 @@ def load_for_eval(checkpoint, bank_path: Optional[str] = None, device: str = "cp
     """(run, model, head) of a run (a ``Run``, or its folder/checkpoint): the run's class head, or the
     prototype bank from ``bank_path`` (which must come from this run's checkpoint) or built from the
     run's bank/training list."""
-    from .bank import build_run_bank, load_bank
     run = Run.of(checkpoint)
     model = run.model(device)
     if model.classifier is not None:
@@ -80,16 +81,25 @@ def load_for_eval(checkpoint, bank_path: Optional[str] = None, device: str = "cp
 
 def run_eval(checkpoint: str, data_root: Optional[str] = None, list_file: Optional[str] = None,
              bank_path: Optional[str] = None, device: str = "cpu", window: Optional[int] = None,
-             progress: bool = True, skip_bad: bool = False, loaded=None) -> tuple[dict, list[str]]:
+             progress: bool = True, skip_bad: bool = False, loaded=None,
+             options: Optional[dict] = None) -> tuple[dict, list[str]]:
     """mIoU of a run on a list (default: its validation list); ``loaded`` reuses a ``load_for_eval``
-    result. No image evaluated (all skipped) is an error, not a NaN."""
+    result; ``options``: predictor fields that replace the run's (method, k, crf, scales, window).
+    No image evaluated (all skipped) is an error, not a NaN."""
     run, model, head = loaded or load_for_eval(checkpoint, bank_path, device, progress, skip_bad)
     root = run.data_root(data_root)
     entries = check_entries(read_list(root, list_file or run.config.val_list, run.config.allow_outside_root),
                             skip_bad)
     val_set = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=run.config.overseg,
                                   skip_bad=skip_bad)
-    result = evaluate(model, val_set, head, run.num_classes, run_predictor(run, model, window), device, progress)
+    predictor = replace(run_predictor(run, model, window),
+                        **{key: value for key, value in (options or {}).items() if value is not None})
+    if predictor.method == "classifier" and model.classifier is None:
+        raise ValueError("--method classifier: this run has no class head (fit one with train-classifier)")
+    if predictor.method != "classifier" and not isinstance(head, PrototypeBank):
+        head = load_bank(bank_path, device, run=run) if bank_path else build_run_bank(
+            run, device=device, progress=progress, skip_bad=skip_bad, model=model)
+    result = evaluate(model, val_set, head, run.num_classes, predictor, device, progress)
     if result["pixels"] == 0:
         raise ValueError(f"no labelled pixel was evaluated ({len(entries)} listed images, all skipped or "
                          "unlabelled): no mIoU")

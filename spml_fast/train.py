@@ -1,5 +1,6 @@
-"""The SPML trainer (docs/method.md, training recipe): SGD with warm-up and poly decay, the four
-relations (or the partial cross-entropy baseline), atomic checkpoints with
+"""The trainer (docs/method.md, training recipe): SGD or AdamW with warm-up and poly decay, the
+objective's loss terms (``objective``: SPML's relations, partial cross-entropy, TEL, AGMM), atomic
+checkpoints with
 everything needed to resume exactly, a tqdm bar, a JSONL metrics log, and
 torch.distributed DDP when started by torchrun.
 
@@ -20,7 +21,7 @@ from typing import Optional
 import torch
 
 from .config import RUNTIME_SETTINGS, TrainConfig, differences
-from .data import DataError, EpochSampler, SegmentationDataset, check_entries, collate, read_classes, read_list
+from .data import EpochSampler, SegmentationDataset, check_entries, collate, read_classes, read_list
 from .io import atomic_path
 from .models import load_pretrained
 from .objective import HEAD_TERMS, head_losses, total_loss

@@ -9,8 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from spml_fast.cli import build_parser, main
 

@@ -1,8 +1,6 @@
 """Objectives beyond SPML's relations: the tree-energy loss (TEL), the
 Gaussian-mixture loss (AGMM), how a run's objective combines its terms, and
 the cosine class head; each core computation against a small reference."""
-import itertools
-
 import numpy as np
 import pytest
 import torch
@@ -166,7 +164,7 @@ def test_objective_validation():
     ("synthetic-scribble-hybrid-tel", {"partial_ce", "tree_energy", "I", "C", "O"})])
 def test_training_step_sums_the_weighted_terms(preset, terms):
     from spml_fast.config import PRESETS, apply_overrides
-    from spml_fast.relations import MemoryBank, weighted_total
+    from spml_fast.relations import MemoryBank
     from spml_fast.train import SpmlModel, training_step
     config = apply_overrides(PRESETS[preset], {"model.width": 8, "model.embedding_dim": 8, "kmeans_grid": 2})
     torch.manual_seed(0)

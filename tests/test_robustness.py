@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from scipy import ndimage
 
 from spml_fast.robustness import FAMILIES, SuiteConfig, run_suite, to_markdown

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from . import _validate as check
+from .contrast_plan import ContrastPlan, build_plan
 from .dispatch import accumulation_dtype, select_backend
 from .membership import membership, participating_pixels, reduce_pixel_losses, row_ids
 from .tiling import DEFAULT, TileConfig
@@ -249,7 +250,7 @@ UNDERFLOW = 2.0 ** -102      # a set's sum below this under the shared max has l
 
 @dataclass
 class TritonPlan:
-    plan: "ContrastPlan"
+    plan: ContrastPlan
     config: object               # triton_kernels.configs.ContrastConfig
     block_d: int
 
@@ -257,7 +258,6 @@ class TritonPlan:
     def build(embeddings: torch.Tensor, inputs: LossInputs) -> "TritonPlan":
         from spml_fast.triton_kernels.configs import contrast_config
         from spml_fast.triton_kernels.utils import block_dim
-        from .contrast_plan import build_plan
         block_d = block_dim(embeddings.shape[1])
         config = contrast_config(embeddings.device, block_d)
         labels = inputs.labels
