@@ -190,9 +190,12 @@ def measure_in_this_process(suite_module: str, case: dict, impl: str, device: st
     return record
 
 
-def measure(suite_module: str, case: dict, impl: str, device: str, repeats: int, warmup: int) -> Record:
-    """Measure one (case, impl); on the CPU in its own process (see module doc)."""
-    if device == "cuda":
+def measure(suite_module: str, case: dict, impl: str, device: str, repeats: int, warmup: int,
+            library: Optional[str] = None) -> Record:
+    """Measure one (case, impl); on the CPU in its own process (see module doc). ``library``: a folder
+    holding another ``spml_fast`` package to import in that process instead of this one (CPU only; see
+    ``compare_revisions``)."""
+    if device == "cuda" and library is None:
         record = measure_in_this_process(suite_module, case, impl, device, repeats, warmup)
         torch.cuda.empty_cache()
         return record
@@ -200,8 +203,10 @@ def measure(suite_module: str, case: dict, impl: str, device: str, repeats: int,
                               repeats=repeats, warmup=warmup))
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)      # timings never run through the interpreter
+    if library is not None:
+        env["PYTHONPATH"] = os.pathsep.join([library] + env.get("PYTHONPATH", "").split(os.pathsep)).rstrip(os.pathsep)
     done = subprocess.run([sys.executable, "-m", "spml_fast.benchmarks.harness", request],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, cwd=library)   # cwd: no ./spml_fast ahead of it
     if done.returncode != 0:
         status = "oom" if done.returncode in (-9, 137) else f"error: {done.stderr.strip().splitlines()[-1:]}"
         return Record(case_suite(suite_module), case["name"], impl, status=status, params=case)

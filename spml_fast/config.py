@@ -85,6 +85,7 @@ HYBRID = ObjectiveConfig(relations=1.0, partial_ce=1.0)
 TREE_ENERGY = ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=0.4)
 GAUSSIAN_MIXTURE = ObjectiveConfig(relations=0.0, partial_ce=1.0, gaussian_mixture=0.4)
 HYBRID_TREE_ENERGY = ObjectiveConfig(relations=1.0, partial_ce=1.0, tree_energy=0.4)
+TREE_ENERGY_GAUSSIAN_MIXTURE = ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=0.4, gaussian_mixture=0.4)
 
 
 def _voc(preset: str, train_list: str, relations: RelationConfig) -> TrainConfig:
@@ -127,6 +128,8 @@ PRESETS = {
                                           GAUSSIAN_MIXTURE),
     "synthetic-scribble-hybrid-tel": _synthetic("synthetic-scribble-hybrid-tel", "train_scribble.txt",
                                                 SCRIBBLE_RELATIONS, HYBRID_TREE_ENERGY),
+    "synthetic-scribble-tel-agmm": _synthetic("synthetic-scribble-tel-agmm", "train_scribble.txt",
+                                              SCRIBBLE_RELATIONS, TREE_ENERGY_GAUSSIAN_MIXTURE),
     "synthetic-point": _synthetic("synthetic-point", "train_point.txt", POINT_RELATIONS, SPML),
     "synthetic-box": _synthetic("synthetic-box", "train_box.txt", BOX_RELATIONS, SPML, bank_list="train_boxfill.txt"),
     # tags: relation C on CAM pseudo-labels, written by `spml-fast cam --list train_tag.txt`

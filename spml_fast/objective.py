@@ -11,7 +11,8 @@ computed.
 
 The presets combine them: ``spml`` (relations alone; the paper), ``pce``
 (partial_ce alone; the baseline), ``hybrid`` (partial_ce + relations: one
-network, one head), ``tel`` and ``agmm`` (partial_ce + their term). A run
+network, one head), ``tel`` and ``agmm`` (partial_ce + their term),
+``hybrid-tel`` and ``tel-agmm`` (partial_ce + two terms). A run
 has a class head when any head term has a weight; it then predicts with the
 head, otherwise with k-NN against its prototype bank.
 """
@@ -52,6 +53,12 @@ class ObjectiveConfig:
     @property
     def has_head(self) -> bool:
         return any(getattr(self, name) > 0 for name in HEAD_TERMS)
+
+
+def describe(objective: ObjectiveConfig) -> str:
+    """The terms of an objective with their weights, e.g. "partial_ce 1 + tree_energy 0.4"."""
+    terms = [(name, getattr(objective, name)) for name in ("relations",) + HEAD_TERMS if getattr(objective, name)]
+    return " + ".join(f"{name} {weight:g}" for name, weight in terms)
 
 
 def image_colours(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .synth import SynthConfig
 
 OBJECTIVES = {"pce": "synthetic-scribble-pce", "spml": "synthetic-scribble-spml", "tel": "synthetic-scribble-tel",
               "agmm": "synthetic-scribble-agmm", "hybrid": "synthetic-scribble-hybrid",
-              "hybrid+tel": "synthetic-scribble-hybrid-tel"}
+              "hybrid+tel": "synthetic-scribble-hybrid-tel", "tel+agmm": "synthetic-scribble-tel-agmm"}
 BASELINE = "pce"
 
 
@@ -96,10 +96,18 @@ class Job:
     iterations: int
 
 
+def one_thread() -> None:
+    """Pool-worker initializer: one torch thread per job, so ``jobs`` runs share the cores without contention.
+
+    Only the suite's own worker processes are changed; a caller running the jobs in-process (``jobs=1``)
+    keeps its thread count, since resuming a run bit-exactly needs the same count as the run started with.
+    """
+    import torch
+    torch.set_num_threads(1)
+
+
 def run_job(job: Job) -> dict:
     """Train one cell (resumable) and evaluate it with and without the CRF; cached in result.json."""
-    import torch
-
     from .config import PRESETS, apply_overrides
     from .data import SegmentationDataset, read_list
     from .evaluate import evaluate, load_for_eval, run_predictor
@@ -109,7 +117,6 @@ def run_job(job: Job) -> dict:
     if os.path.exists(cached):
         with open(cached) as handle:
             return json.load(handle)
-    torch.set_num_threads(1)
     config = apply_overrides(PRESETS[OBJECTIVES[job.objective]], {
         "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
         "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
@@ -155,7 +162,7 @@ def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = Tr
                 results.append(run_job(job))
                 bar.update()
         else:
-            with ProcessPoolExecutor(config.jobs, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(config.jobs, mp_context=get_context("spawn"), initializer=one_thread) as pool:
                 for result in pool.map(run_job, jobs):
                     results.append(result)
                     bar.update()

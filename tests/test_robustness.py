@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from spml_fast.robustness import FAMILIES, SuiteConfig, run_suite, to_markdown
@@ -57,7 +58,9 @@ def test_straight_lines_one_per_class():
 def test_suite_runs_reports_and_reuses_its_cells(tmp_path):
     config = SuiteConfig(iterations=3, seeds=(0, 1), jobs=1, families=("built-in", "points"),
                          objectives=("pce", "tel"), scale=0.06)
+    threads = torch.get_num_threads()
     report = run_suite(str(tmp_path), config, progress=False)
+    assert torch.get_num_threads() == threads             # in-process jobs leave the caller's thread count alone
     assert len(report["runs"]) == 8 and set(report["summary"]) == {"built-in", "points"}
     cell = report["summary"]["points"]["tel"]
     assert cell["crf"]["seeds"] == 2 and 0.0 <= cell["crf"]["mean"] <= 1.0 and cell["plain"]["spread"] >= 0.0

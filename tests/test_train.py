@@ -121,6 +121,7 @@ sys.path.insert(0, sys.argv[1])
 from test_train import tiny_config
 import spml_fast.run as run_module
 from spml_fast.train import train
+torch.set_num_threads(int(sys.argv[4]))          # the parent's count: conv reductions depend on it
 original, calls = torch.save, []
 def dying_save(state, path):                     # the 2nd checkpoint: half written, then SIGKILL
     calls.append(path)
@@ -138,7 +139,8 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_exactly(tiny_root, tmp_pa
     tests = os.path.dirname(__file__)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train(tiny_config(tiny_root), straight, progress=False)
-    done = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, tests, tiny_root, killed], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, tests, tiny_root, killed,
+                           str(torch.get_num_threads())], capture_output=True,
                           text=True)
     assert done.returncode == -9, done.stderr                    # killed while writing iteration 4's checkpoint
     assert load_checkpoint(os.path.join(killed, "checkpoint.pt"))["iteration"] == 2   # the last good one, intact
