@@ -161,7 +161,8 @@ def test_objective_validation():
     ("synthetic-scribble-pce", {"partial_ce"}), ("synthetic-scribble-spml", {"I", "C", "O"}),
     ("synthetic-scribble-hybrid", {"partial_ce", "I", "C", "O"}), ("synthetic-scribble-tel", {"partial_ce", "tree_energy"}),
     ("synthetic-scribble-agmm", {"partial_ce", "gaussian_mixture"}),
-    ("synthetic-scribble-hybrid-tel", {"partial_ce", "tree_energy", "I", "C", "O"})])
+    ("synthetic-scribble-hybrid-tel", {"partial_ce", "tree_energy", "I", "C", "O"}),
+    ("synthetic-scribble-tel-agmm", {"partial_ce", "tree_energy", "gaussian_mixture"})])
 def test_training_step_sums_the_weighted_terms(preset, terms):
     from spml_fast.config import PRESETS, apply_overrides
     from spml_fast.relations import MemoryBank

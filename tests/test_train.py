@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from spml_fast.config import PRESETS, apply_overrides
+from spml_fast.ops.dispatch import use_backend
 from spml_fast.synth import SynthConfig, write_dataset
 from spml_fast.train import load_checkpoint, train
 
@@ -19,6 +20,15 @@ def tiny_root(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("tiny"))
     write_dataset(root, SynthConfig(train_images=8, val_images=2, size=40), progress=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def tiled_pytorch_path():
+    """Training in this process takes the tiled PyTorch path: resume, run-folder and interrupt rules do not
+    depend on the backend, and the interpreter would multiply their time. The CLI tests (child processes,
+    TRITON_INTERPRET inherited) train through the interpreted Triton kernels."""
+    with use_backend("torch"):
+        yield
 
 
 def tiny_config(root, preset="synthetic-scribble", iterations=6):
@@ -139,9 +149,9 @@ def test_sigkill_during_a_checkpoint_write_resumes_bit_exactly(tiny_root, tmp_pa
     tests = os.path.dirname(__file__)
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train(tiny_config(tiny_root), straight, progress=False)
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}   # the same path
     done = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, tests, tiny_root, killed,
-                           str(torch.get_num_threads())], capture_output=True,
-                          text=True)
+                           str(torch.get_num_threads())], capture_output=True, text=True, env=env)
     assert done.returncode == -9, done.stderr                    # killed while writing iteration 4's checkpoint
     assert load_checkpoint(os.path.join(killed, "checkpoint.pt"))["iteration"] == 2   # the last good one, intact
     assert any(name.startswith(".tmp-") for name in os.listdir(killed))              # the torn temp file
