@@ -31,7 +31,7 @@ bench: $(STAMP)
 	$(VENV)/bin/spml-fast bench loss
 
 # On a machine with an NVIDIA GPU: GPU tests, compile times, loss and train-step benchmarks, and a report
-# under benchmarks/results/<device>.md (about 6 minutes on an H100/H200).
+# under benchmarks/results/<device>.md (sized for about 6 minutes on an H100/H200; not yet run on one).
 gpu-check: $(STAMP)
 	$(PY) -m spml_fast.benchmarks.gpu_check
 

@@ -320,6 +320,12 @@ def _add_experiments(subparsers) -> None:
     experiments.add_argument("--quick", action="store_true",
                              help="robustness: 200 iterations per run (about half the time)")
     experiments.add_argument("--jobs", type=int, default=2, help="robustness: runs in parallel (one thread each)")
+    experiments.add_argument("--report-only", action="store_true",
+                             help="robustness: write the report from the finished cells under --out, train nothing")
+    experiments.add_argument("--families", metavar="NAME;NAME", default=None,
+                             help="robustness: only these families, ';'-separated (default: all)")
+    experiments.add_argument("--objectives", metavar="NAME,NAME", default=None,
+                             help="robustness: only these objectives, e.g. pce,spml,tel+agmm (default: all)")
     _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 
@@ -328,10 +334,14 @@ def run_experiments_command(args) -> int:
     if args.suite == "robustness":
         from dataclasses import replace
 
-        from spml_fast.robustness import QUICK, SuiteConfig, run_suite, to_markdown
+        from spml_fast.robustness import QUICK, SuiteConfig, run_suite, to_markdown, write_report
         config = QUICK if args.quick else SuiteConfig()
         config = replace(config, jobs=args.jobs, iterations=args.iterations or config.iterations)
-        print(to_markdown(run_suite(args.out, config)))
+        if args.families:
+            config = replace(config, families=tuple(name.strip() for name in args.families.split(";")))
+        if args.objectives:
+            config = replace(config, objectives=tuple(name.strip() for name in args.objectives.split(",")))
+        print(to_markdown(write_report(args.out, config) if args.report_only else run_suite(args.out, config)))
         return 0
     from spml_fast.experiments import run_experiments, to_markdown
     print(to_markdown(run_experiments(args.out, args.iterations, _scenes(args))))

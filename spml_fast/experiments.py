@@ -20,7 +20,7 @@ from .io import save_json, save_text
 from .synth import SynthConfig, scene_statistics, write_dataset
 from .train import train
 
-SUPERVISIONS = [("scribbles", "synthetic-scribble"), ("points", "synthetic-point"), ("boxes", "synthetic-box"),
+SUPERVISIONS = [("scribbles", "synthetic-scribble-spml"), ("points", "synthetic-point"), ("boxes", "synthetic-box"),
                 ("tags", "synthetic-tag")]
 ABLATIONS = [("all relations (I + C + O)", {}), ("without I", {"relations.weight_image": 0.0}),
              ("without C", {"relations.weight_semantic": 0.0}),
@@ -55,8 +55,8 @@ def run_experiments(out: str, iterations: Optional[int] = None, scenes: SynthCon
     for label, preset in SUPERVISIONS:
         results["supervision"][label] = _run(preset, preset, {}, data, out, iterations)
     for label, overrides in ABLATIONS:
-        name = "synthetic-scribble" if not overrides else "ablation-" + label.replace(" ", "-")
-        results["ablation"][label] = _run(name, "synthetic-scribble", overrides, data, out, iterations)
+        name = "synthetic-scribble-spml" if not overrides else "ablation-" + label.replace(" ", "-")
+        results["ablation"][label] = _run(name, "synthetic-scribble-spml", overrides, data, out, iterations)
     results["baseline"] = _run("synthetic-scribble-pce", "synthetic-scribble-pce", {}, data, out, iterations)
     save_json(os.path.join(out, "results.json"), results)
     save_text(os.path.join(out, "results.md"), to_markdown(results))

@@ -72,7 +72,8 @@ class SuiteConfig:
     scale: float = 1.0          # multiplies every family's image counts (quick runs and tests)
 
 
-QUICK = SuiteConfig(iterations=200)
+# About an hour on 2 CPU cores: half the iterations, without the 500-image family.
+QUICK = SuiteConfig(iterations=200, families=tuple(name for name in FAMILIES if name != "built-in, 500 images"))
 
 
 def slug(name: str) -> str:
@@ -135,16 +136,24 @@ def run_job(job: Job) -> dict:
     return result
 
 
+def _check_names(config: SuiteConfig) -> None:
+    unknown = [name for name in config.families if name not in FAMILIES]
+    unknown += [name for name in config.objectives if name not in OBJECTIVES]
+    if unknown:
+        raise ValueError(f"robustness suite: unknown families/objectives {unknown}; families: "
+                         f"{'; '.join(FAMILIES)}; objectives: {', '.join(OBJECTIVES)}")
+
+
+def cell_dir(out: str, family: str, objective: str, seed: int) -> str:
+    return os.path.join(out, "runs", slug(family), f"{objective}-s{seed}")
+
+
 def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = True) -> dict:
     """Write the families' data, run every cell (``config.jobs`` at a time), write the report."""
     from tqdm import tqdm
 
-    from .io import save_json, save_text
     from .synth import write_dataset
-    unknown = [name for name in config.families if name not in FAMILIES]
-    unknown += [name for name in config.objectives if name not in OBJECTIVES]
-    if unknown:
-        raise ValueError(f"robustness suite: unknown families/objectives {unknown}")
+    _check_names(config)
     jobs = []
     for name in config.families:
         family = FAMILIES[name]
@@ -152,26 +161,38 @@ def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = Tr
         write_dataset(data, family_scenes(family, config.scale), progress=False)
         for objective in config.objectives:
             for seed in config.seeds:
-                jobs.append(Job(name, objective, seed, data, os.path.join(out, "runs", slug(name),
-                                                                          f"{objective}-s{seed}"),
+                jobs.append(Job(name, objective, seed, data, cell_dir(out, name, objective, seed),
                                 family.train_list, config.iterations))
-    results = []
     with tqdm(total=len(jobs), desc="robustness", unit="run", disable=not progress) as bar:
         if config.jobs <= 1:
             for job in jobs:
-                results.append(run_job(job))
+                run_job(job)
                 bar.update()
         else:
             with ProcessPoolExecutor(config.jobs, mp_context=get_context("spawn"), initializer=one_thread) as pool:
-                for result in pool.map(run_job, jobs):
-                    results.append(result)
+                for _ in pool.map(run_job, jobs):
                     bar.update()
-    summary = summarise(results, config)
+    return write_report(out, config)
+
+
+def write_report(out: str, config: SuiteConfig = SuiteConfig()) -> dict:
+    """results.json, results.md and robustness.png under ``out`` from the finished cells there (a cell not
+    run yet shows as "-"), e.g. to report on part of a suite."""
+    from .io import save_json, save_text
+    _check_names(config)
+    results = []
+    for name in config.families:
+        for objective in config.objectives:
+            for seed in config.seeds:
+                cached = os.path.join(cell_dir(out, name, objective, seed), "result.json")
+                if os.path.exists(cached):
+                    with open(cached) as handle:
+                        results.append(json.load(handle))
     report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale),
                   families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
                                        scenes=vars(family_scenes(FAMILIES[name], config.scale)))
                             for name in config.families},
-                  runs=results, summary=summary)
+                  runs=results, summary=summarise(results, config))
     save_json(os.path.join(out, "results.json"), report)
     save_text(os.path.join(out, "results.md"), to_markdown(report))
     write_plot(report, os.path.join(out, "robustness.png"))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from spml_fast.robustness import FAMILIES, SuiteConfig, run_suite, to_markdown
+from spml_fast.robustness import FAMILIES, SuiteConfig, run_suite, to_markdown, write_report
 from spml_fast.synth import SynthConfig, make_scene
 
 
@@ -72,6 +72,9 @@ def test_suite_runs_reports_and_reuses_its_cells(tmp_path):
     again = run_suite(str(tmp_path), config, progress=False)             # finished cells are reused
     assert [os.path.getmtime(p) for p in results] == stamps
     assert json.dumps(again["summary"], sort_keys=True) == json.dumps(report["summary"], sort_keys=True)
+    os.remove(results[0])                                                # a report on part of a suite
+    partial = write_report(str(tmp_path), config)
+    assert sum(cell["crf"]["seeds"] for cells in partial["summary"].values() for cell in cells.values()) == 7
 
 
 def test_families_cover_the_axes_the_suite_must_vary():

@@ -31,7 +31,9 @@ def tiled_pytorch_path():
         yield
 
 
-def tiny_config(root, preset="synthetic-scribble", iterations=6):
+def tiny_config(root, preset="synthetic-scribble-hybrid", iterations=6):
+    """The hybrid by default: relations with their memory bank and a class head, so that resuming restores
+    every kind of training state (the CLI tests train the default preset)."""
     config = replace(PRESETS[preset], data_root=root)
     return apply_overrides(config, {"optim.iterations": iterations, "optim.batch": 2, "optim.warmup": 2,
                                     "augment.crop": 40, "workers": 0, "checkpoint_every": 2,
