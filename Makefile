@@ -24,8 +24,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/spml-fast demo
 
+# Two test processes (pytest-xdist), one file each at a time: the interpreter is single-threaded Python.
 test: $(STAMP)
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(VENV)/bin/spml-fast bench loss

@@ -232,18 +232,18 @@ def _table(report: dict, key: str) -> list[str]:
     objectives = list(next(iter(summary.values())))
     default = default_objective()
     heads = [f"**{o}** (default)" if o == default else o for o in objectives]
-    lines = ["| family | " + " | ".join(heads) + (f" | {default} - {BASELINE} |" if default in objectives and
-                                                  BASELINE in objectives else " |"),
-             "|---" * (len(objectives) + 2) + "|"]
+    with_margin = default in objectives and BASELINE in objectives
+    lines = ["| family | " + " | ".join(heads) + (f" | {default} - {BASELINE} |" if with_margin else " |"),
+             "|---" * (len(objectives) + 1 + with_margin) + "|"]
     for name, cells in summary.items():
         row = [f"{cells[o][key]['mean']:.3f} ± {cells[o][key]['spread']:.3f}" if cells[o][key]["mean"] is not None
                else "-" for o in objectives]
         best = max((cells[o][key]["mean"] or 0) for o in objectives)
         row = [f"**{text}**" if (cells[o][key]["mean"] or -1) == best else text for o, text in zip(objectives, row)]
         margin = ""
-        if default in cells and BASELINE in cells and cells[default][key]["mean"] is not None:
+        if with_margin and None not in (cells[default][key]["mean"], cells[BASELINE][key]["mean"]):
             margin = f"{100 * (cells[default][key]['mean'] - cells[BASELINE][key]['mean']):+.1f}"
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {margin} |")
+        lines.append(f"| {name} | " + " | ".join(row) + (f" | {margin} |" if with_margin else " |"))
     return lines
 
 

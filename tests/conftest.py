@@ -14,6 +14,8 @@ from spml_fast.ops.dispatch import interpreting
 
 CUDA = torch.cuda.is_available()
 TRITON_ON_CPU = interpreting()
+if os.environ.get("PYTEST_XDIST_WORKER"):      # `make test` runs two workers: one torch thread each
+    torch.set_num_threads(1)
 
 
 NEEDS_TRITON = pytest.mark.skipif(not (CUDA or TRITON_ON_CPU),
