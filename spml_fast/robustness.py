@@ -107,6 +107,15 @@ def one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def finished_cell(run_dir: str) -> Optional[dict]:
+    """The cached result of a finished cell (its ``result.json``), or None."""
+    path = os.path.join(run_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
 def run_job(job: Job) -> dict:
     """Train one cell (resumable) and evaluate it with and without the CRF; cached in result.json."""
     from .config import PRESETS, apply_overrides
@@ -114,10 +123,9 @@ def run_job(job: Job) -> dict:
     from .evaluate import evaluate, load_for_eval, run_predictor
     from .io import save_json
     from .train import train
-    cached = os.path.join(job.run_dir, "result.json")
-    if os.path.exists(cached):
-        with open(cached) as handle:
-            return json.load(handle)
+    cached = finished_cell(job.run_dir)
+    if cached is not None:
+        return cached
     config = apply_overrides(PRESETS[OBJECTIVES[job.objective]], {
         "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
         "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
@@ -132,7 +140,7 @@ def run_job(job: Job) -> dict:
         scores = evaluate(model, val, head, len(class_names), replace(predictor, crf=crf), progress=False)
         result[key] = scores["mIoU"]
         result[key + "_per_class"] = scores["per_class"]
-    save_json(cached, result)
+    save_json(os.path.join(job.run_dir, "result.json"), result)
     return result
 
 
@@ -184,10 +192,9 @@ def write_report(out: str, config: SuiteConfig = SuiteConfig()) -> dict:
     for name in config.families:
         for objective in config.objectives:
             for seed in config.seeds:
-                cached = os.path.join(cell_dir(out, name, objective, seed), "result.json")
-                if os.path.exists(cached):
-                    with open(cached) as handle:
-                        results.append(json.load(handle))
+                cached = finished_cell(cell_dir(out, name, objective, seed))
+                if cached is not None:
+                    results.append(cached)
     report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale),
                   families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
                                        scenes=vars(family_scenes(FAMILIES[name], config.scale)))
