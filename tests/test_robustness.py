@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from spml_fast.robustness import FAMILIES, SuiteConfig, run_suite, to_markdown, write_report
+from spml_fast.robustness import FAMILIES, QUICK, Family, SuiteConfig, run_suite, to_markdown, write_report
 from spml_fast.synth import SynthConfig, make_scene
 
 
@@ -85,3 +85,18 @@ def test_families_cover_the_axes_the_suite_must_vary():
                                                                   "train_boxfill.txt"}
     assert any(s.clutter for s in scenes) and {s.stroke for s in scenes} == {"walk", "line"}
     assert {s.scribble_width for s in scenes} >= {0, 1} and {s.scribble_margin for s in scenes} >= {0.0, 0.35}
+
+
+def test_a_family_budget_multiplies_the_suite_iterations(tmp_path, monkeypatch):
+    monkeypatch.setitem(FAMILIES, "long", Family(SynthConfig(), budget=2, note="trained longer"))
+    config = SuiteConfig(iterations=2, seeds=(0,), jobs=1, families=("built-in", "long"), objectives=("pce",),
+                         scale=0.06)
+    report = run_suite(str(tmp_path), config, progress=False)
+    trained = {name: json.load(open(tmp_path / "runs" / name / "pce-s0" / "config.json"))["optim"]["iterations"]
+               for name in ("built-in", "long")}
+    assert trained == {"built-in": 2, "long": 4}
+    assert report["families"]["long"]["iterations"] == 4
+    markdown = to_markdown(report)
+    assert "trained longer; " in markdown and "for 4 iterations." in markdown
+    assert "`train_scribble.txt` for" not in markdown.split("**built-in**")[1].split("\n")[0]
+    assert all(FAMILIES[name].budget == 1 for name in QUICK.families)      # --quick keeps to the short budget
