@@ -318,7 +318,8 @@ def _add_experiments(subparsers) -> None:
     experiments.add_argument("--out", default="runs/experiments", metavar="DIR", help="data, runs and reports")
     experiments.add_argument("--iterations", type=int, default=None, help="training iterations per run")
     experiments.add_argument("--quick", action="store_true",
-                             help="robustness: 200 iterations per run (about half the time)")
+                             help="robustness: 200 iterations per run, without the 500-image and the longer-trained "
+                                  "families (about an hour on 2 cores)")
     experiments.add_argument("--jobs", type=int, default=2, help="robustness: runs in parallel (one thread each)")
     experiments.add_argument("--report-only", action="store_true",
                              help="robustness: write the report from the finished cells under --out, train nothing")

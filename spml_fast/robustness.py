@@ -40,6 +40,9 @@ class Family:
     budget: int = 1             # trains for budget x the suite's iterations (a family too hard to learn in them)
 
 
+# outlines are the class; colour and pattern are random per object
+SHAPE_SCENES = SynthConfig(cue="shape", shading=0.0, scribble_margin=0.0, scribble_width=1)
+
 FAMILIES = {
     "built-in": Family(SynthConfig(), note="colour+texture classes, shaded, 1-px strokes through the middle"),
     "built-in, 60 images": Family(SynthConfig(train_images=60)),
@@ -51,10 +54,9 @@ FAMILIES = {
                                      note="classes by hue; irregular blobs; distractors; 1-px curved strokes"),
     "texture, random colour": Family(SynthConfig(cue="texture", shading=0.0, scribble_margin=0.0,
                                                  scribble_width=1), note="3-px curved strokes"),
-    "shape, random colour": Family(SynthConfig(cue="shape", shading=0.0, scribble_margin=0.0, scribble_width=1),
-                                   note="random pattern too; 3-px curved strokes"),
+    "shape, random colour": Family(SHAPE_SCENES, note="random pattern too; 3-px curved strokes"),
     "shape, random colour, 3x iterations": Family(
-        SynthConfig(cue="shape", shading=0.0, scribble_margin=0.0, scribble_width=1), budget=3,
+        SHAPE_SCENES, budget=3,
         note="the family above trained three times as long: at the suite's budget no objective learns the shapes"),
     "texture+shape, 60 images, lines": Family(
         SynthConfig(cue="texture+shape", classes=3, max_objects=3, train_images=60, val_images=20, stroke="line",
@@ -83,6 +85,10 @@ QUICK = SuiteConfig(iterations=200, families=tuple(name for name, family in FAMI
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def family_iterations(family: Family, config: "SuiteConfig") -> int:
+    return config.iterations * family.budget
 
 
 def family_scenes(family: Family, scale: float) -> SynthConfig:
@@ -175,7 +181,7 @@ def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = Tr
         for objective in config.objectives:
             for seed in config.seeds:
                 jobs.append(Job(name, objective, seed, data, cell_dir(out, name, objective, seed),
-                                family.train_list, config.iterations * family.budget))
+                                family.train_list, family_iterations(family, config)))
     with tqdm(total=len(jobs), desc="robustness", unit="run", disable=not progress) as bar:
         if config.jobs <= 1:
             for job in jobs:
@@ -202,7 +208,7 @@ def write_report(out: str, config: SuiteConfig = SuiteConfig()) -> dict:
                     results.append(cached)
     report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale),
                   families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
-                                       iterations=config.iterations * FAMILIES[name].budget,
+                                       iterations=family_iterations(FAMILIES[name], config),
                                        scenes=vars(family_scenes(FAMILIES[name], config.scale)))
                             for name in config.families},
                   runs=results, summary=summarise(results, config))
@@ -272,8 +278,7 @@ def to_markdown(report: dict) -> str:
     lines += ["", "Families:", ""]
     lines += [f"- **{name}**: {info['note'] or 'as named'}; {info['scenes']['train_images']} training / "
               f"{info['scenes']['val_images']} validation images; trained on `{info['train_list']}`"
-              + (f" for {info['iterations']} iterations." if info.get("iterations", config["iterations"])
-                 != config["iterations"] else ".")
+              + (f" for {info['iterations']} iterations." if info["iterations"] != config["iterations"] else ".")
               for name, info in report["families"].items()]
     return "\n".join(lines) + "\n"
 
