@@ -1,17 +1,38 @@
-"""Package layout (the product's design): one top-level import name, sub-packages mapped in."""
+"""Package layout (the product's design): one top-level import name, sub-packages mapped in and found
+automatically (setup.py), so the wheel holds every package of the tree."""
+import importlib.util
 import pathlib
 import subprocess
 import sys
-import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("spml_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)           # setup() runs only under __main__
+    return module
+
+
 def test_only_spml_fast_is_installed_top_level():
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert config["packages"] and all(p == "spml_fast" or p.startswith("spml_fast.") for p in config["packages"])
-    assert config["package-dir"]["spml_fast.triton_kernels"] == "triton_kernels"
-    assert config["package-dir"]["spml_fast.export"] == "export"
+    setup = _setup_module()
+    assert all(p == "spml_fast" or p.startswith("spml_fast.") for p in setup.discover())
+    assert setup.PACKAGE_ROOTS["spml_fast.triton_kernels"] == "triton_kernels"
+    assert setup.PACKAGE_ROOTS["spml_fast.export"] == "export"
+
+
+def test_every_package_folder_of_the_tree_is_discovered():
+    """A folder with an __init__.py under a design folder is a package of the wheel (the bug this guards
+    against: spml_fast.losses missing from a hand-written list)."""
+    setup = _setup_module()
+    expected = set()
+    for name, folder in setup.PACKAGE_ROOTS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(ROOT / folder).parts
+            expected.add(".".join((name, *relative)))
+    assert "spml_fast.losses" in expected
+    assert expected == set(setup.discover())
 
 
 def test_subpackages_import_from_their_folders():
