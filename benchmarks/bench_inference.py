@@ -57,10 +57,12 @@ def _images(case) -> np.ndarray:
 
 def _export(case) -> str:
     from spml_fast.export.onnx_export import ExportConfig
-    from spml_fast.export.pipeline import Deployable, build_graph, metadata
     from spml_fast.export.onnx_export import export_onnx
+    from spml_fast.export.pipeline import build_graph, metadata
+    from spml_fast.inference import PredictorConfig
+    from spml_fast.predictor import Predictor
     net, bank = _model_and_bank(case)
-    deployable = Deployable(net, bank.class_names, bank=bank)
+    deployable = Predictor(None, net, bank, PredictorConfig(k=case["k"]), bank.class_names)
     config = ExportConfig(k=case["k"])
     path = os.path.join(tempfile.mkdtemp(prefix="spml-bench-"), "model.onnx")
     export_onnx(build_graph(deployable, config), path, config, metadata(deployable, config), bank)
@@ -68,16 +70,15 @@ def _export(case) -> str:
 
 
 def _pytorch(case, device):
-    from spml_fast.data import MEAN, STD
+    from spml_fast.data import normalise
     from spml_fast.inference import PredictorConfig, predict_scores
     net, bank = _model_and_bank(case)
     net, bank = net.to(device), bank.to(device)
     images = torch.from_numpy(_images(case)).to(device)
-    mean, std = torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
     config = PredictorConfig(k=case["k"])
 
     def step():
-        scores = predict_scores(net, (images - mean) / std, bank, config)
+        scores = predict_scores(net, normalise(images), bank, config)
         labels = scores.argmax(1)
         if device == "cuda":
             torch.cuda.synchronize()

@@ -56,7 +56,8 @@ def _step(loss_impl: str):
     def make(case, device):
         from spml_fast.config import PRESETS
         from spml_fast.relations import MemoryBank
-        from spml_fast.train import SpmlModel, training_step
+        from spml_fast.objective import compute
+        from spml_fast.train import SpmlModel
         config = PRESETS["synthetic-scribble-spml"]      # the relations alone: the N x M work
         config = replace(config, relations=replace(config.relations, loss_impl=loss_impl))
         torch.manual_seed(0)
@@ -67,9 +68,9 @@ def _step(loss_impl: str):
         counter = [0]
 
         def step():
-            image_ids = torch.arange(case["batch"], device=device) + counter[0] * case["batch"]
+            batch["image_ids"] = torch.arange(case["batch"], device=device) + counter[0] * case["batch"]
             counter[0] += 1
-            total, terms, local = training_step(model, batch, config, bank, 6, image_ids)
+            total, terms, local = compute(model, batch, bank, config, 6)
             optimiser.zero_grad(set_to_none=True)
             total.backward()
             optimiser.step()
@@ -111,13 +112,14 @@ def parity(case: dict, device: str) -> dict:
     for impl in ("dense", "tiled"):
         from spml_fast.config import PRESETS
         from spml_fast.relations import MemoryBank
-        from spml_fast.train import SpmlModel, training_step
+        from spml_fast.objective import compute
+        from spml_fast.train import SpmlModel
         config = PRESETS["synthetic-scribble-spml"]      # the relations alone: the N x M work
         config = replace(config, relations=replace(config.relations, loss_impl=impl))
         torch.manual_seed(0)
         model = SpmlModel(config, 6).to(device).train()
-        total, _, _ = training_step(model, _batch(case, device), config, MemoryBank(2), 6,
-                                    torch.arange(case["batch"], device=device))
+        batch = dict(_batch(case, device), image_ids=torch.arange(case["batch"], device=device))
+        total, _, _ = compute(model, batch, MemoryBank(2), config, 6)
         losses[impl] = float(total)
     return dict(status="ok", loss=losses["dense"], loss_abs_diff=abs(losses["dense"] - losses["tiled"]))
 

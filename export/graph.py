@@ -31,7 +31,7 @@ OUTPUT_NAMES = ("labels", "scores")
 
 
 class SegmenterGraph(nn.Module):
-    def __init__(self, embedding_net: nn.Module, num_classes: int, k: int = 20, uint8_input: bool = False,
+    def __init__(self, embedding_net: nn.Module, num_classes: int, k: int, uint8_input: bool = False,
                  bank: Optional[tuple[torch.Tensor, torch.Tensor]] = None, classifier: Optional[nn.Module] = None,
                  backbone_dtype: torch.dtype = torch.float32):
         super().__init__()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
-from spml_fast.config import DEFAULT_K
 from spml_fast.io import atomic_path
 
 from .graph import INPUT_NAMES, OUTPUT_NAMES, SegmenterGraph
@@ -30,7 +30,7 @@ MAX_TOPK = 3840
 
 @dataclass(frozen=True)
 class ExportConfig:
-    k: int = DEFAULT_K                # neighbours voting (the CLI passes the run's k); 1 = argmax
+    k: Optional[int] = None           # neighbours voting; None = the predictor's (the run's eval_k); 1 = argmax
     uint8_input: bool = False         # uint8 [B, H, W, 3] input instead of float [B, 3, H, W] in [0, 1]
     bank_as_input: bool = False       # prototypes / prototype_labels as graph inputs
     extra_classes: int = 8            # with bank_as_input: room for classes added to the bank later
@@ -41,7 +41,7 @@ class ExportConfig:
     max_batch: int = 64
 
     def __post_init__(self):
-        if not 1 <= self.k < MAX_TOPK:
+        if self.k is not None and not 1 <= self.k < MAX_TOPK:
             raise ValueError(f"--k must lie in [1, {MAX_TOPK}) (TensorRT's TopK limit), got {self.k}")
         if self.extra_classes < 0:
             raise ValueError(f"--extra-classes must be >= 0, got {self.extra_classes}")

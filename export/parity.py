@@ -25,12 +25,17 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from spml_fast.data import MEAN, STD
+from spml_fast.data import normalise
 from spml_fast.io import save_json
 
 LABEL_AGREEMENT = 0.999
 SCORE_TOLERANCE = 1e-4
 DEFAULT_SHAPES = ((1, 96, 128), (2, 75, 111))      # (batch, height, width), none the export shape
+
+
+LIKELY_CAUSES = ("Likely causes: prototypes tied in similarity (duplicate or near-identical bank entries, e.g. a "
+                 "class added from images the bank was built from), or weights holding NaN or infinite values "
+                 "(a diverged run).")
 
 
 class ParityError(RuntimeError):
@@ -51,9 +56,7 @@ def to_normalised(images, uint8_input: bool) -> torch.Tensor:
     """Graph input (numpy or torch) -> the float [B, 3, H, W] normalised images the PyTorch predictor takes."""
     images = torch.as_tensor(images)
     images = images.permute(0, 3, 1, 2).float() / 255.0 if uint8_input else images.float()
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return normalise(images)
 
 
 def compare(reference_scores: np.ndarray, labels: np.ndarray, scores: np.ndarray, continuous: bool,
@@ -88,7 +91,7 @@ def check_parity(reference: Callable[[tuple], np.ndarray], run_exported: Callabl
     if not report["passed"]:
         if report_path:                # the previous artefact and its report stay; this one is kept apart
             save_json(os.path.splitext(report_path)[0] + ".failed.json", report)
-        raise ParityError(f"{engine} disagrees with PyTorch:\n{format_report(report)}")
+        raise ParityError(f"{engine} disagrees with PyTorch:\n{format_report(report)}\n{LIKELY_CAUSES}")
     if report_path:
         save_json(report_path, report)
     return report

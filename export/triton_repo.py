@@ -28,7 +28,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 def check_model_name(name: str) -> str:
     """A Triton model name is one folder: letters, digits, '_', '.', '-', not '..'; nothing that leaves --out."""
-    if not MODEL_NAME.match(name) or ".." in name:
+    if not MODEL_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"--name {name!r}: a model name is letters, digits, '_', '.' and '-' "
                          "(it becomes a folder under --out)")
     return name
@@ -48,6 +48,15 @@ class ServingConfig:
     instances: int = 1
     queue_delay_us: int = 100
     tensorrt_accelerator: bool = True        # ONNX models: let Triton's ORT backend use TensorRT, FP16
+
+    def __post_init__(self):
+        check_model_name(self.name)
+        for name in ("max_batch_size", "instances"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-').replace('-size', '')} must be a positive integer, "
+                                 f"got {getattr(self, name)!r}")
+        if self.queue_delay_us < 0:
+            raise ValueError(f"queue_delay_us must be >= 0, got {self.queue_delay_us}")
 
 
 def _tensor(name: str, dtype: str, dims: list[int]) -> str:

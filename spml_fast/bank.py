@@ -28,6 +28,7 @@ from .segments import cluster_embeddings, pool_labels
 
 EMBEDDING_STRIDE = 4          # the embedding map is H/4 x W/4 (models.EmbeddingNet)
 METADATA_KEY = "spml_fast"
+DUPLICATE_COSINE = 0.9999     # a new prototype this close to a bank prototype is the same segment again
 
 
 @dataclass
@@ -66,15 +67,32 @@ class PrototypeBank:
                     counts=self.counts(), mean=list(MEAN), std=list(STD), stride=EMBEDDING_STRIDE)
 
 
+def sidecar_path(path: str) -> str:
+    """The JSON metadata written beside a bank file."""
+    return os.path.splitext(path)[0] + ".json"
+
+
+def check_bank_output(path: str) -> None:
+    """A bank's output path: not a run's own file, and not its own sidecar (``b.json`` would be written,
+    then overwritten by its metadata)."""
+    from .run import refuse_run_file
+    refuse_run_file(path, "--out")
+    refuse_run_file(sidecar_path(path), "--out (its .json sidecar)")
+    if os.path.abspath(sidecar_path(path)) == os.path.abspath(path):
+        raise ValueError(f"--out {path}: the bank's metadata goes to {sidecar_path(path)}, the same file; "
+                         "name the bank BANK.safetensors")
+
+
 def save_bank(bank: PrototypeBank, path: str) -> None:
     """Write ``path`` (safetensors) and ``<path without extension>.json`` atomically."""
     from safetensors.torch import save_file
+    check_bank_output(path)
     metadata = bank.describe()
     tensors = {"prototypes": bank.prototypes.detach().float().cpu().contiguous(),
                "labels": bank.labels.detach().long().cpu().contiguous()}
     with atomic_path(path) as temp:
         save_file(tensors, temp, metadata={METADATA_KEY: json.dumps(metadata)})
-    save_json(os.path.splitext(path)[0] + ".json", metadata)
+    save_json(sidecar_path(path), metadata)
 
 
 def load_bank(path: str, device="cpu", run: Optional[Run] = None) -> PrototypeBank:
@@ -192,6 +210,14 @@ def add_class(bank: PrototypeBank, name: str, prototypes: torch.Tensor, labels: 
         raise ValueError(f"--add {name!r}: no segment of the given images is labelled 1 (the new class)")
     if new.shape[1] != bank.dim:
         raise ValueError(f"--add {name!r}: embeddings have D = {new.shape[1]}, the bank D = {bank.dim}")
+    if bank.labels.numel():
+        nearest = (new.to(bank.prototypes) @ bank.prototypes.t()).max(1)
+        duplicate = nearest.values >= DUPLICATE_COSINE
+        if bool(duplicate.any()):
+            classes = sorted({bank.class_names[int(c)] for c in bank.labels[nearest.indices[duplicate]]})
+            raise ValueError(f"--add {name!r}: {int(duplicate.sum())} of {new.shape[0]} new segments are already in "
+                             f"the bank (as {', '.join(classes)}): the images were used to build it. Use images "
+                             "the bank was not built from")
     index = len(bank.class_names)
     added = torch.full((new.shape[0],), index, dtype=torch.int64, device=bank.labels.device)
     return PrototypeBank(torch.cat([bank.prototypes, new.to(bank.prototypes)]), torch.cat([bank.labels, added]),
@@ -203,20 +229,14 @@ def build_run_bank(checkpoint, data_root: Optional[str] = None, list_file: Optio
                    skip_bad: bool = False, model=None) -> PrototypeBank:
     """The bank of a training run (a ``Run`` or its folder/checkpoint) from a list (default: the run's
     bank or training list); ``model``: the run's model when already loaded."""
-    from .data import check_entries, read_list
     run = Run.of(checkpoint)
-    config = run.config
     model = model if model is not None else run.model(device)
-    root = run.data_root(data_root)
-    source = list_file or config.bank_list or config.train_list
-    entries = check_entries(read_list(root, source, config.allow_outside_root), skip_bad)
-    dataset = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=config.overseg,
-                                  skip_bad=skip_bad)
-    prototypes, labels = labelled_segment_prototypes(
-        model, dataset, config.bank_grid or config.kmeans_grid, config.kmeans_iterations, run.num_classes,
-        device, progress)
+    source = list_file or run.config.labelled_list
+    dataset = run.dataset(source, data_root, skip_bad)
+    prototypes, labels = labelled_segment_prototypes(model, dataset, run.config.segment_grid,
+                                                     run.config.kmeans_iterations, run.num_classes, device, progress)
     metadata = dict(checkpoint=run.checkpoint, checkpoint_sha256=run.checkpoint_sha256(), source_list=source,
-                    source_images=len(entries), preset=config.preset)
+                    source_images=len(dataset), preset=run.config.preset)
     bank = PrototypeBank(prototypes, labels, list(run.class_names), metadata)
     return subsample_balanced(bank, max_size) if max_size else bank
 
@@ -225,13 +245,12 @@ def add_class_from_list(checkpoint, bank_path: str, name: str, data_root: Option
                         device="cpu", max_size: Optional[int] = None, progress: bool = True) -> PrototypeBank:
     """``spml-fast bank --add``: the run's segments of the list's images, with binary masks as labels
     (1 = the new class), join the bank at ``bank_path`` (built from this run) as class ``name``."""
-    from .data import check_entries, read_list
+    if not name or not name.strip():
+        raise ValueError("--add: the new class needs a name")
     run = Run.of(checkpoint)
-    config = run.config
-    root = run.data_root(data_root)
-    masks = SegmentationDataset(check_entries(read_list(root, list_file, config.allow_outside_root)), 2, root,
-                                train=False, overseg=config.overseg)
-    prototypes, labels = labelled_segment_prototypes(run.model(device), masks, config.bank_grid or config.kmeans_grid,
-                                                     config.kmeans_iterations, 2, device, progress, desc="add")
-    bank = add_class(load_bank(bank_path, device, run=run), name, prototypes, labels)
+    bank = load_bank(bank_path, device, run=run)
+    masks = run.dataset(list_file, data_root, num_classes=2)
+    prototypes, labels = labelled_segment_prototypes(run.model(device), masks, run.config.segment_grid,
+                                                     run.config.kmeans_iterations, 2, device, progress, desc="add")
+    bank = add_class(bank, name, prototypes, labels)
     return subsample_balanced(bank, max_size) if max_size else bank

@@ -31,7 +31,7 @@ class CamConfig:
     batch: int = 8
     lr: float = 0.01
     width: int = 32                  # small backbone width
-    crop: int = 96
+    crop: int = AugmentConfig.crop   # the training crop's default
     threshold: float = 0.2           # background where no normalised CAM reaches this (docs/data.md, label maps)
     seed: int = 0
 

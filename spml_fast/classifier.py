@@ -83,7 +83,8 @@ def save_classifier(head: LinearClassifier, class_names: list[str], path: str, m
         save_file(tensors, temp, metadata={METADATA_KEY: json.dumps(info)})
 
 
-def load_classifier(path: str, device="cpu") -> tuple[LinearClassifier, list[str]]:
+def load_classifier(path: str, device="cpu") -> tuple[LinearClassifier, list[str], dict]:
+    """(head, class names, metadata) of a file written by ``save_classifier``; errors name the file."""
     from safetensors import safe_open
     if not os.path.exists(path):
         raise ValueError(f"--classifier {path}: no such file")
@@ -96,21 +97,19 @@ def load_classifier(path: str, device="cpu") -> tuple[LinearClassifier, list[str
         raise ValueError(f"--classifier {path}: not a classifier head ({type(error).__name__}: {error})") from None
     head = LinearClassifier(weight.shape[1], weight.shape[0])
     head.load_state_dict(state)
-    return head.to(device).eval(), info.get("class_names") or [str(i) for i in range(weight.shape[0])]
+    names = info.pop("class_names", None) or [str(i) for i in range(weight.shape[0])]
+    return head.to(device).eval(), names, info
 
 
 def train_classifier_for_run(checkpoint: str, out: str, data_root: str = None, list_file: str = None,
                              config: ClassifierConfig = ClassifierConfig(), device="cpu",
                              progress: bool = True) -> dict:
     """Fit and save a head for a run on a list (default: the run's bank or training list)."""
-    from .data import check_entries, read_list
-    from .run import Run
-    run = Run.open(checkpoint)
+    from .run import Run, refuse_run_file
+    run = Run.of(checkpoint)
+    refuse_run_file(out, "--out")
     model = run.model(device)
-    root = run.data_root(data_root)
-    entries = check_entries(read_list(root, list_file or run.config.bank_list or run.config.train_list,
-                                      run.config.allow_outside_root))
-    dataset = SegmentationDataset(entries, run.num_classes, root, train=False, overseg=run.config.overseg)
+    dataset = run.dataset(list_file or run.config.labelled_list, data_root)
     features, labels = labelled_embeddings(model, dataset, run.num_classes, device, progress)
     head = fit_classifier(features, labels, run.num_classes, config, progress)
     accuracy = float((head(features[:, :, None, None])[:, :, 0, 0].argmax(1) == labels).float().mean())

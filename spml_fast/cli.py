@@ -11,7 +11,8 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+        if ("default" in text or action.default is None or action.default is False or action.default == []
+                or action.default is argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
 
@@ -94,25 +95,30 @@ def run_bench(args) -> int:
     return 0
 
 
+def _add_flags_of(parser, defaults, helps: dict) -> None:
+    """One ``--field-name`` flag per entry of ``helps``, typed and defaulting as the dataclass ``defaults``
+    (the one source of each default)."""
+    for name, text in helps.items():
+        value = getattr(defaults, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=text)
+
+
 def _add_synth(subparsers) -> None:
-    synth = subparsers.add_parser("synth", formatter_class=HelpFormatter, help="write the built-in synthetic dataset (SPML list-file layout)")
+    from spml_fast.synth import SynthConfig
+    synth = subparsers.add_parser("synth", formatter_class=HelpFormatter,
+                                  help="write the built-in synthetic dataset (SPML list-file layout)")
     synth.add_argument("--out", required=True, metavar="DIR", help="dataset folder (SPML list-file layout)")
-    synth.add_argument("--train-images", type=int, default=160, help="training scenes")
-    synth.add_argument("--val-images", type=int, default=40, help="validation scenes")
-    synth.add_argument("--size", type=int, default=96, help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0, help="scene seed")
+    _add_flags_of(synth, SynthConfig(), dict(train_images="training scenes", val_images="validation scenes",
+                                             size="image side in pixels", seed="scene seed"))
     _add_scene_flags(synth)
     synth.set_defaults(run=run_synth)
 
 
 def _add_scene_flags(parser) -> None:
     from spml_fast.synth import SynthConfig
-    defaults = SynthConfig()
-    parser.add_argument("--shading", type=float, default=defaults.shading,
-                        help="rim darkening of objects, 0 = flat (default %(default)s)")
-    parser.add_argument("--scribble-margin", type=float, default=defaults.scribble_margin,
-                        help="scribbles keep this fraction of an object's depth from its outline, 0 = anywhere "
-                             "inside (default %(default)s)")
+    _add_flags_of(parser, SynthConfig(), dict(
+        shading="rim darkening of objects, 0 = flat",
+        scribble_margin="scribbles keep this fraction of an object's depth from its outline, 0 = anywhere inside"))
 
 
 def run_synth(args) -> int:
@@ -124,13 +130,15 @@ def run_synth(args) -> int:
 
 
 def _add_cam(subparsers) -> None:
-    cam = subparsers.add_parser("cam", formatter_class=HelpFormatter, help="CAM pseudo-labels from image tags (the tag supervision's label maps)")
+    from spml_fast.cam import CamConfig
+    cam = subparsers.add_parser("cam", formatter_class=HelpFormatter,
+                                help="CAM pseudo-labels from image tags (the tag supervision's label maps)")
     cam.add_argument("--data", required=True, metavar="ROOT", help="data root with the tagged images")
     cam.add_argument("--list", default="train_tag.txt", metavar="FILE", help="images with tags (tags.json)")
     cam.add_argument("--classes", default="classes.txt", metavar="N|FILE", help="class count or names file")
     cam.add_argument("--out-list", default="train_cam.txt", metavar="FILE", help="written under ROOT")
-    cam.add_argument("--iterations", type=int, default=400, help="training iterations of the CAM classifier")
-    cam.add_argument("--threshold", type=float, default=0.2, help="normalised CAM below this: background")
+    _add_flags_of(cam, CamConfig(), dict(iterations="training iterations of the CAM classifier",
+                                         threshold="normalised CAM below this: background"))
     cam.set_defaults(run=run_cam)
 
 
@@ -146,16 +154,23 @@ def run_cam(args) -> int:
 
 
 def _add_data_flags(parser) -> None:
+    from spml_fast.data import MAX_PIXELS
     parser.add_argument("--max-pixels", type=int, metavar="N",
-                        help="refuse images above N pixels before decoding them (default 64,000,000)")
+                        help=f"refuse images above N pixels before decoding them (default {MAX_PIXELS:,})")
     parser.add_argument("--allow-outside-root", action="store_true",
                         help="let list files name files outside the data root (../, absolute paths)")
 
 
-def _apply_data_flags(args) -> None:
-    if getattr(args, "max_pixels", None):
-        from spml_fast.data import set_max_pixels
-        set_max_pixels(args.max_pixels)
+def _open_run(args):
+    """The run of --checkpoint with this command's data flags (--max-pixels, --allow-outside-root)."""
+    from spml_fast.run import Run
+    run = Run.open(args.checkpoint)
+    changes = {}
+    if getattr(args, "max_pixels", None) is not None:
+        changes["max_pixels"] = args.max_pixels
+    if getattr(args, "allow_outside_root", False):
+        changes["allow_outside_root"] = True
+    return run.with_settings(**changes) if changes else run
 
 
 def _add_train(subparsers) -> None:
@@ -180,65 +195,66 @@ def _add_train(subparsers) -> None:
                        help="override one setting, e.g. relations.weight_image=0.2 (repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out with its own config.json (only --device, --workers, "
-                            "--skip-bad may change)")
+                            "--skip-bad may change; a larger --iterations extends a finished run)")
     train.add_argument("--skip-bad", action="store_true", help="skip missing/unreadable files with a warning")
+    train.add_argument("--no-eval", dest="eval", action="store_false",
+                       help="do not report the validation mIoU after training")
     _add_data_flags(train)
     train.set_defaults(run=run_train)
 
 
 def _overrides(args) -> dict:
-    """Settings the command line gives explicitly (flags, --set, --config)."""
-    from spml_fast.config import load_yaml_overrides
+    """Settings the command line gives explicitly (--config, --set, then the flags)."""
+    from spml_fast.config import load_yaml_overrides, parse_assignments
     overrides = load_yaml_overrides(args.config) if args.config else {}
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key] = value
+    overrides.update(parse_assignments(args.set))
     flags = {"data_root": args.data, "train_list": args.list, "classes": args.classes,
              "optim.iterations": args.iterations, "augment.crop": args.crop, "optim.batch": args.batch,
              "device": args.device, "pretrained": args.pretrained, "workers": args.workers,
-             "skip_bad": True if args.skip_bad else None,
+             "skip_bad": True if args.skip_bad else None, "max_pixels": args.max_pixels,
              "allow_outside_root": True if getattr(args, "allow_outside_root", False) else None}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return overrides
 
 
-def build_config(args):
-    """The preset with the command line's settings; with --resume, the run's own config.json, which only
-    the runtime settings may change."""
-    from spml_fast.config import PRESETS, RUNTIME_SETTINGS, apply_overrides
-    overrides = _overrides(args)
-    if args.resume:
-        from spml_fast.run import read_config
-        if not args.out:
-            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
-        saved, _ = read_config(args.out)
-        if args.preset and args.preset != saved.preset:
-            raise ValueError(f"--resume: {args.out} is a {saved.preset} run, not {args.preset}")
-        resumed = apply_overrides(saved, overrides)
-        from spml_fast.config import differences
-        changed = [key for key in differences(saved, resumed) if key not in RUNTIME_SETTINGS]
-        if changed:
-            raise ValueError(f"--resume continues {args.out} with its own settings; these would change: "
-                             f"{', '.join(changed)}")
-        return resumed
-    if not args.preset:
-        raise ValueError("--preset is required (or --resume --out RUN_DIR)")
-    return apply_overrides(PRESETS[args.preset], overrides)
-
-
 def run_train(args) -> int:
+    from spml_fast.config import command_config
+    from spml_fast.run import read_config
     from spml_fast.train import train
-    _apply_data_flags(args)
-    config = build_config(args)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+    saved = read_config(args.out)[0] if args.resume else None
+    config = command_config(args.preset, _overrides(args), saved, args.out or "")
     if not config.data_root:
         raise ValueError("--data ROOT is required (or data_root in --config)")
     out = args.out or os.path.join("runs", config.preset)
     result = train(config, out, resume=args.resume)
     print(f"trained {result['iteration']} iterations; checkpoint {result['checkpoint']}; "
           + ", ".join(f"{k} {v:.4f}" for k, v in result["losses"].items()))
+    if args.eval:
+        _report_validation(out, args)
+    print(f"next: spml-fast eval --checkpoint {out}   (spml-fast predict IMAGES --checkpoint {out} --out DIR; "
+          f"spml-fast export --checkpoint {out} --out model.onnx)")
     return 0
+
+
+def _report_validation(out: str, args) -> None:
+    """The run's validation mIoU with its own settings, when its validation list exists."""
+    from spml_fast.data import DataError, resolve_list
+    from spml_fast.evaluate import run_eval
+    from spml_fast.run import Run
+    run = Run.open(out)
+    if not os.path.isfile(resolve_list(run.config.data_root, run.config.val_list)):
+        print(f"no validation list {run.config.val_list} under {run.config.data_root}: not evaluated")
+        return
+    try:
+        result, _ = run_eval(run, progress=False)
+    except (ValueError, DataError) as error:
+        print(f"validation not measured: {error}")
+        return
+    print(f"validation mIoU {result['mIoU']:.4f} on {result['list']} ({result['images']} images; method "
+          f"{result['method']}" + (f", k = {result['k']}" if result["k"] else "")
+          + f", CRF {'on' if result['crf'] else 'off'})")
 
 
 def _add_eval(subparsers) -> None:
@@ -270,21 +286,18 @@ def _check_classes(classes: str, data_root: str, run) -> None:
 
 def run_eval_command(args) -> int:
     import json
-    from spml_fast.evaluate import format_table, load_for_eval, run_eval
-    from spml_fast.run import Run
-    _apply_data_flags(args)
-    run = Run.open(args.checkpoint)
+    from spml_fast.evaluate import format_table, run_eval
+    run = _open_run(args)
     if args.classes:
         _check_classes(args.classes, run.data_root(args.data), run)
-    if args.allow_outside_root:
-        run = run.with_settings(allow_outside_root=True)
-    loaded = load_for_eval(run, args.bank, args.device, not args.json, args.skip_bad)
-    result, class_names = run_eval(args.checkpoint, args.data, args.list, args.bank, args.device,
-                                   progress=not args.json, skip_bad=args.skip_bad, loaded=loaded,
-                                   options=_predictor_options(args))
+    result, class_names = run_eval(run, args.data, args.list, args.bank, args.device, progress=not args.json,
+                                   skip_bad=args.skip_bad, **_predictor_options(args))
     if args.json:
         print(json.dumps(dict(result, classes=class_names)))
     else:
+        print(f"{run.folder} on {result['list']} under {result['data_root']}: {result['images']} images, method "
+              f"{result['method']}" + (f", k = {result['k']}" if result["k"] else "")
+              + f", CRF {'on' if result['crf'] else 'off'}")
         print(format_table(result, class_names))
     return 0
 
@@ -326,7 +339,7 @@ def _add_experiments(subparsers) -> None:
     experiments.add_argument("--families", metavar="NAME;NAME", default=None,
                              help="robustness: only these families, ';'-separated (default: all)")
     experiments.add_argument("--objectives", metavar="NAME,NAME", default=None,
-                             help="robustness: only these objectives, e.g. pce,spml,tel+agmm (default: all)")
+                             help="robustness: only these objectives, e.g. pce,spml,tel-agmm (default: all)")
     _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 
@@ -351,24 +364,26 @@ def run_experiments_command(args) -> int:
 
 def _add_predictor_flags(parser) -> None:
     """How a run predicts; each defaults to the run's own setting (its head or k-NN, its k, its CRF)."""
-    parser.add_argument("--method", choices=["pixel-knn", "segment-knn", "classifier"],
+    from spml_fast.inference import METHODS
+    parser.add_argument("--method", choices=METHODS,
                         help="default: the run's (its class head, else pixel k-NN against the bank)")
     parser.add_argument("--k", type=int, help="neighbours voting in k-NN; 1 = argmax (default: the run's k)")
     parser.add_argument("--window", type=int, help="sliding-window side for large images (default: whole image)")
     parser.add_argument("--scales", help="multi-scale factors, comma-separated, e.g. 0.75,1,1.25 (default: 1)")
-    parser.add_argument("--crf", choices=["on", "off"], help="dense CRF after the predictor (default: the run's)")
+    parser.add_argument("--crf", choices=["on", "off"],
+                        help="dense CRF after the predictor, with the run's CRF parameters (default: the run's)")
 
 
 def _predictor_options(args) -> dict:
-    """The predictor fields given explicitly on the command line."""
-    from dataclasses import replace
-
-    from spml_fast.crf import CrfConfig
+    """The predictor settings given explicitly on the command line (``predictor.OVERRIDES``)."""
     options = dict(method=args.method, k=args.k, window=args.window)
     if args.scales:
-        options["scales"] = tuple(float(s) for s in args.scales.split(",") if s.strip())
+        try:
+            options["scales"] = tuple(float(s) for s in args.scales.split(",") if s.strip())
+        except ValueError:
+            raise ValueError(f"--scales {args.scales!r}: expected numbers separated by commas") from None
     if args.crf:
-        options["crf"] = replace(CrfConfig(), enabled=args.crf == "on")
+        options["crf"] = args.crf == "on"
     return options
 
 
@@ -380,6 +395,7 @@ def _add_run_and_list(parser, out_metavar: str) -> None:
                                                        "training list)")
     parser.add_argument("--out", required=True, metavar=out_metavar, help="output .safetensors")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the network runs")
+    _add_data_flags(parser)
 
 
 def _add_bank(subparsers) -> None:
@@ -394,14 +410,18 @@ def _add_bank(subparsers) -> None:
 
 
 def run_bank(args) -> int:
-    from spml_fast.bank import add_class_from_list, build_run_bank, save_bank
-    if args.add:
+    from spml_fast.bank import add_class_from_list, build_run_bank, check_bank_output, save_bank
+    check_bank_output(args.out)                      # before any work: never over a run's or its own files
+    if args.add is not None:
         if not (args.bank and args.list):
             raise ValueError("--add NAME needs --bank BANK (the bank to extend) and --list FILE (its masks)")
-        bank = add_class_from_list(args.checkpoint, args.bank, args.add, args.data, args.list, args.device,
+        bank = add_class_from_list(_open_run(args), args.bank, args.add, args.data, args.list, args.device,
                                    args.max_size)
+    elif args.bank:
+        raise ValueError(f"--bank {args.bank} is only read with --add NAME (extend it with a class); without "
+                         "--add a new bank is built from --list")
     else:
-        bank = build_run_bank(args.checkpoint, args.data, args.list, args.device, args.max_size)
+        bank = build_run_bank(_open_run(args), args.data, args.list, args.device, args.max_size)
     save_bank(bank, args.out)
     counts = ", ".join(f"{n} {c}" for n, c in zip(bank.class_names, bank.counts()))
     print(f"wrote {args.out}: {bank.labels.numel()} prototypes, D = {bank.dim} ({counts})")
@@ -409,16 +429,17 @@ def run_bank(args) -> int:
 
 
 def _add_train_classifier(subparsers) -> None:
+    from spml_fast.classifier import ClassifierConfig
     head = subparsers.add_parser("train-classifier", help="softmax classifier head on a run's frozen embeddings",
                                  formatter_class=HelpFormatter)
     _add_run_and_list(head, "HEAD")
-    head.add_argument("--epochs", type=int, default=200, help="full-batch passes over the labelled pixels")
+    _add_flags_of(head, ClassifierConfig(), dict(epochs="full-batch passes over the labelled pixels"))
     head.set_defaults(run=run_train_classifier)
 
 
 def run_train_classifier(args) -> int:
     from spml_fast.classifier import ClassifierConfig, train_classifier_for_run
-    result = train_classifier_for_run(args.checkpoint, args.out, args.data, args.list,
+    result = train_classifier_for_run(_open_run(args), args.out, args.data, args.list,
                                       ClassifierConfig(epochs=args.epochs), args.device)
     print(f"wrote {args.out}: fit on {result['pixels']} labelled pixels, training accuracy "
           f"{result['train_accuracy']:.3f}")
@@ -426,22 +447,29 @@ def run_train_classifier(args) -> int:
 
 
 def _add_export(subparsers) -> None:
+    from spml_fast.export.onnx_export import ExportConfig
+    from spml_fast.export.triton_repo import ServingConfig
+    export_defaults, serving_defaults = ExportConfig(), ServingConfig()
     export = subparsers.add_parser("export", help="ONNX model, TensorRT engine or Triton repository, parity-checked",
                                    formatter_class=HelpFormatter)
     export.add_argument("--checkpoint", required=True, metavar="RUN", help="the run (folder or checkpoint)")
-    export.add_argument("--bank", metavar="BANK", help="prototype bank of this run (k-NN segmenter)")
+    export.add_argument("--bank", metavar="BANK", help="prototype bank of this run (k-NN segmenter; a run with a "
+                                                       "class head needs --method pixel-knn with it)")
     export.add_argument("--classifier", metavar="HEAD", help="classifier head file instead of a bank")
+    export.add_argument("--method", choices=["pixel-knn", "classifier"],
+                        help="default: the run's (its class head, else pixel k-NN against --bank)")
     export.add_argument("--format", choices=["onnx", "tensorrt", "triton-repo"], default="onnx",
                         help="a .onnx file; a TensorRT engine (GPU and tensorrt); a Triton model repository")
     export.add_argument("--out", required=True, metavar="PATH", help="model.onnx, model.plan, or a repository DIR")
     export.add_argument("--k", type=int, help="neighbours voting; 1 = argmax (default: the run's k)")
     export.add_argument("--uint8-input", action="store_true", help="uint8 [B, H, W, 3] input, preprocessing inside")
     export.add_argument("--bank-as-input", action="store_true", help="the bank is a graph input, not a constant")
-    export.add_argument("--extra-classes", type=int, default=8,
+    export.add_argument("--extra-classes", type=int, default=export_defaults.extra_classes,
                         help="with --bank-as-input: score channels kept for classes added to the bank later")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset")
-    export.add_argument("--name", default="spml_segmenter", help="Triton model name (a folder under --out)")
-    export.add_argument("--max-batch", type=int, default=8, help="Triton max_batch_size")
+    export.add_argument("--opset", type=int, default=export_defaults.opset, help="ONNX opset")
+    export.add_argument("--name", default=serving_defaults.name, help="Triton model name (a folder under --out)")
+    export.add_argument("--max-batch", type=int, default=serving_defaults.max_batch_size,
+                        help="Triton max_batch_size")
     export.add_argument("--repo-model", choices=["onnx", "plan"], default="onnx",
                         help="Triton repository holds the ONNX model or a TensorRT engine")
     export.set_defaults(run=run_export)
@@ -450,24 +478,26 @@ def _add_export(subparsers) -> None:
 def run_export(args) -> int:
     from spml_fast.export.onnx_export import ExportConfig
     from spml_fast.export.parity import ParityError, format_report
-    from spml_fast.export.pipeline import export_run, load_deployable
-    from spml_fast.export.triton_repo import ServingConfig, check_model_name
-    if args.format == "triton-repo":
-        check_model_name(args.name)
-    deployable = load_deployable(args.checkpoint, args.bank, args.classifier)
-    config = ExportConfig(k=args.k if args.k is not None else deployable.k, uint8_input=args.uint8_input,
-                          bank_as_input=args.bank_as_input, extra_classes=args.extra_classes, opset=args.opset)
+    from spml_fast.export.pipeline import export_run
+    from spml_fast.export.triton_repo import ServingConfig
+    from spml_fast.predictor import open_predictor
+    from spml_fast.run import refuse_run_file
+    refuse_run_file(args.out, "--out")
+    config = ExportConfig(k=args.k, uint8_input=args.uint8_input, bank_as_input=args.bank_as_input,
+                          extra_classes=args.extra_classes, opset=args.opset)
+    serving = ServingConfig(name=args.name, max_batch_size=args.max_batch)       # validated before any work
+    predictor = open_predictor(args.checkpoint, args.bank, args.classifier, method=args.method, k=args.k)
     try:
-        result = export_run(deployable, args.format, args.out, config,
-                            ServingConfig(name=args.name, max_batch_size=args.max_batch), args.repo_model)
+        result = export_run(predictor, args.format, args.out, config, serving, args.repo_model)
     except ParityError as error:
         print(f"error: {error}\nThe previous {args.out}, if any, is unchanged.", file=sys.stderr)
         return 1
     for key in ("onnx", "tensorrt"):
         if key in result:
             print(format_report(result[key]))
-    print(f"exported {args.format} to {result.get('repository', args.out)} (k = {config.k}"
-          + (", CRF applied by the runtime" if deployable.crf is not None and deployable.crf.enabled else "") + ")")
+    print(f"exported {args.format} to {result.get('repository', args.out)} (method {predictor.method}"
+          + (f", k = {args.k or predictor.k}" if predictor.bank is not None else "")
+          + (", CRF applied by the runtime" if predictor.crf.enabled else "") + ")")
     return 0
 
 
@@ -489,11 +519,14 @@ def _add_predict(subparsers) -> None:
 
 
 def run_predict(args) -> int:
+    from spml_fast.data import MAX_PIXELS, check_max_pixels
     from spml_fast.predict import make_labeller, predict_files
-    _apply_data_flags(args)
-    labeller, class_names = make_labeller(args.checkpoint, args.bank, args.classifier, args.model,
-                                          _predictor_options(args), args.providers, args.device)
-    written, failures = predict_files(args.images, args.out, labeller, class_names=class_names)
+    max_pixels = check_max_pixels(args.max_pixels) if args.max_pixels is not None else MAX_PIXELS
+    run = _open_run(args) if args.checkpoint else None
+    labeller, class_names = make_labeller(run, args.bank, args.classifier, args.model, _predictor_options(args),
+                                          args.providers, args.device)
+    written, failures = predict_files(args.images, args.out, labeller, class_names=class_names,
+                                      max_pixels=max_pixels)
     print(f"wrote {written} label maps to {args.out}" + (f"; {len(failures)} skipped" if failures else ""))
     return 1 if failures else 0
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from .crf import CrfConfig
-from .data import AugmentConfig, OversegConfig
+from .data import MAX_PIXELS, AugmentConfig, OversegConfig, check_max_pixels
 from .models import ModelConfig
 from .objective import ObjectiveConfig
 from .relations import RelationConfig
+from .segments import KMEANS_GRID, KMEANS_ITERATIONS
 
 
 DEFAULT_K = 20      # neighbours voting at inference (SegSort's k): the one source of this default
@@ -47,8 +50,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     overseg: OversegConfig = field(default_factory=OversegConfig)
-    kmeans_grid: int = 6
-    kmeans_iterations: int = 10
+    kmeans_grid: int = KMEANS_GRID          # SegSort's k-means of the training segments: start grid per image
+    kmeans_iterations: int = KMEANS_ITERATIONS
     bank_grid: int = 0                      # k-means grid of the prototype bank; 0 = kmeans_grid
     data_root: str = ""
     train_list: str = ""
@@ -60,12 +63,33 @@ class TrainConfig:
     workers: int = 2
     skip_bad: bool = False                  # skip missing/unreadable files with a warning instead of failing
     allow_outside_root: bool = False        # list files may name files outside the data root (../, absolute)
+    max_pixels: int = MAX_PIXELS            # refuse images above this many pixels before decoding them
     checkpoint_every: int = 500
     log_every: int = 10
     checkpoint_backbone: bool = False
     pretrained: str = ""
     eval_k: int = DEFAULT_K                 # neighbours voting at inference (eval, bank, export, predict)
     crf: CrfConfig = field(default_factory=CrfConfig)   # dense CRF after the predictor (evaluation, predict)
+
+    def __post_init__(self):
+        check_max_pixels(self.max_pixels)
+        for name in ("kmeans_grid", "kmeans_iterations", "checkpoint_every", "log_every", "eval_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.bank_grid < 0:
+            raise ValueError(f"bank_grid must be >= 0 (0 = kmeans_grid), got {self.bank_grid}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+
+    @property
+    def segment_grid(self) -> int:
+        """k-means start grid of the segments that meet the bank (bank building, segment k-NN)."""
+        return self.bank_grid or self.kmeans_grid
+
+    @property
+    def labelled_list(self) -> str:
+        """The list a bank or a classifier head is built from: bank_list, else the training list."""
+        return self.bank_list or self.train_list
 
 
 # The paper's relation weights and co-occurrence concentration per supervision (its Table 7).
@@ -78,14 +102,21 @@ POINT_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=0.1, weight_c
 DENSEPOSE_RELATIONS = RelationConfig(weight_image=0.1, weight_semantic=1.0, weight_cooccurrence=0.0,
                                      weight_affinity=0.5, memory_bank=0)
 
-# What a run learns from (spml_fast.objective).
-SPML = ObjectiveConfig(relations=1.0)
-PARTIAL_CE = ObjectiveConfig(relations=0.0, partial_ce=1.0)
-HYBRID = ObjectiveConfig(relations=1.0, partial_ce=1.0)
-TREE_ENERGY = ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=0.4)
-GAUSSIAN_MIXTURE = ObjectiveConfig(relations=0.0, partial_ce=1.0, gaussian_mixture=0.4)
-HYBRID_TREE_ENERGY = ObjectiveConfig(relations=1.0, partial_ce=1.0, tree_energy=0.4)
-TREE_ENERGY_GAUSSIAN_MIXTURE = ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=0.4, gaussian_mixture=0.4)
+# What a run learns from (spml_fast.objective): each named objective once, under one name. The name is
+# the preset's suffix (synthetic-scribble-<name>) and the robustness suite's column.
+TREE_ENERGY_WEIGHT = 0.4          # TEL's weight beside partial CE (its paper's)
+GAUSSIAN_MIXTURE_WEIGHT = 0.4     # AGMM's weight beside partial CE
+OBJECTIVES = {
+    "pce": ObjectiveConfig(relations=0.0, partial_ce=1.0),
+    "spml": ObjectiveConfig(relations=1.0),
+    "tel": ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=TREE_ENERGY_WEIGHT),
+    "agmm": ObjectiveConfig(relations=0.0, partial_ce=1.0, gaussian_mixture=GAUSSIAN_MIXTURE_WEIGHT),
+    "hybrid": ObjectiveConfig(relations=1.0, partial_ce=1.0),
+    "hybrid-tel": ObjectiveConfig(relations=1.0, partial_ce=1.0, tree_energy=TREE_ENERGY_WEIGHT),
+    "tel-agmm": ObjectiveConfig(relations=0.0, partial_ce=1.0, tree_energy=TREE_ENERGY_WEIGHT,
+                                gaussian_mixture=GAUSSIAN_MIXTURE_WEIGHT),
+}
+DEFAULT_OBJECTIVE = "tel-agmm"    # the robustness suite's most robust objective (docs/objectives.md)
 
 
 def _voc(preset: str, train_list: str, relations: RelationConfig) -> TrainConfig:
@@ -118,64 +149,122 @@ PRESETS = {
                                optim=OptimConfig(iterations=45000), classes="15"),
     # the default: the objective that won the robustness suite (docs/objectives.md)
     "synthetic-scribble": _synthetic("synthetic-scribble", "train_scribble.txt", SCRIBBLE_RELATIONS,
-                                     TREE_ENERGY_GAUSSIAN_MIXTURE),
-    "synthetic-scribble-spml": _synthetic("synthetic-scribble-spml", "train_scribble.txt", SCRIBBLE_RELATIONS, SPML),
-    "synthetic-scribble-pce": _synthetic("synthetic-scribble-pce", "train_scribble.txt", SCRIBBLE_RELATIONS,
-                                         PARTIAL_CE),
-    "synthetic-scribble-hybrid": _synthetic("synthetic-scribble-hybrid", "train_scribble.txt", SCRIBBLE_RELATIONS,
-                                            HYBRID),
-    "synthetic-scribble-tel": _synthetic("synthetic-scribble-tel", "train_scribble.txt", SCRIBBLE_RELATIONS,
-                                         TREE_ENERGY),
-    "synthetic-scribble-agmm": _synthetic("synthetic-scribble-agmm", "train_scribble.txt", SCRIBBLE_RELATIONS,
-                                          GAUSSIAN_MIXTURE),
-    "synthetic-scribble-hybrid-tel": _synthetic("synthetic-scribble-hybrid-tel", "train_scribble.txt",
-                                                SCRIBBLE_RELATIONS, HYBRID_TREE_ENERGY),
-    "synthetic-scribble-tel-agmm": _synthetic("synthetic-scribble-tel-agmm", "train_scribble.txt",
-                                              SCRIBBLE_RELATIONS, TREE_ENERGY_GAUSSIAN_MIXTURE),
-    "synthetic-point": _synthetic("synthetic-point", "train_point.txt", POINT_RELATIONS, SPML),
-    "synthetic-box": _synthetic("synthetic-box", "train_box.txt", BOX_RELATIONS, SPML, bank_list="train_boxfill.txt"),
+                                     OBJECTIVES[DEFAULT_OBJECTIVE]),
+    **{f"synthetic-scribble-{name}": _synthetic(f"synthetic-scribble-{name}", "train_scribble.txt", SCRIBBLE_RELATIONS,
+                                                objective) for name, objective in OBJECTIVES.items()},
+    "synthetic-point": _synthetic("synthetic-point", "train_point.txt", POINT_RELATIONS, OBJECTIVES["spml"]),
+    "synthetic-box": _synthetic("synthetic-box", "train_box.txt", BOX_RELATIONS, OBJECTIVES["spml"],
+                                bank_list="train_boxfill.txt"),
     # tags: relation C on CAM pseudo-labels, written by `spml-fast cam --list train_tag.txt`
-    "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", TAG_RELATIONS, SPML),
+    "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", TAG_RELATIONS, OBJECTIVES["spml"]),
 }
 
 
 def _coerce(current, text: str):
+    """A ``--set`` string as the type of the setting it replaces."""
     if isinstance(current, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
+        if text.lower() not in ("true", "false", "1", "0", "on", "off"):
             raise ValueError(f"expected true/false, got {text!r}")
-        return text.lower() in ("true", "1")
+        return text.lower() in ("true", "1", "on")
     if isinstance(current, tuple):
         return tuple(json.loads(text))
+    if isinstance(current, int):
+        return int(text)
     return type(current)(text) if current is not None else text
 
 
-def apply_overrides(config: TrainConfig, overrides: dict) -> TrainConfig:
-    """overrides: {"optim.lr": 0.01, "relations": {"weight_image": 0.2}, ...}."""
+def checked_value(current, value, key: str, where: str = "setting"):
+    """``value`` for the setting ``key`` whose default is ``current``, of the default's type: a bool for a
+    bool, an integer for an int, a finite number for a float, a string for a string, a list of numbers for
+    a tuple. Anything else is a one-line error naming the key."""
+    def fail(expected):
+        raise ValueError(f"{where}: {key} must be {expected}, got {value!r}")
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            fail("true or false")
+    elif isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            fail("an integer")
+        value = int(value)
+    elif isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            fail("a finite number")
+        value = float(value)
+    elif isinstance(current, str):
+        if not isinstance(value, str):
+            fail("a string")
+    elif isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            fail("a list of finite numbers")
+        value = tuple(value)
+    elif dataclasses.is_dataclass(current):
+        fail(f"a mapping of {type(current).__name__} settings")
+    return value
+
+
+def apply_overrides(config: TrainConfig, overrides: dict, where: str = "setting") -> TrainConfig:
+    """overrides: {"optim.lr": 0.01, "relations": {"weight_image": 0.2}, ...}; a string value (``--set``)
+    is read as the setting's type; every value is checked (``checked_value``)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{where}: expected a mapping of settings, got {overrides!r}")
     for key, value in overrides.items():
         if isinstance(value, dict):
-            value = {f"{key}.{k}": v for k, v in value.items()}
-            config = apply_overrides(config, value)
+            config = apply_overrides(config, {f"{key}.{k}": v for k, v in value.items()}, where)
             continue
-        path = key.split(".")
-        config = _set(config, path, value, key)
+        config = _set(config, str(key).split("."), value, key, where)
     return config
 
 
-def _set(obj, path, value, full_key):
+def _set(obj, path, value, full_key, where):
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
         raise ValueError(f"unknown setting {full_key!r} (no field {path[0]!r} in {type(obj).__name__})")
     current = getattr(obj, path[0])
     if len(path) > 1:
-        return replace(obj, **{path[0]: _set(current, path[1:], value, full_key)})
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"unknown setting {full_key!r} ({path[0]!r} has no fields)")
+        return _replace(obj, {path[0]: _set(current, path[1:], value, full_key, where)}, where)
     if isinstance(value, str) and not isinstance(current, str):
         try:
             value = _coerce(current, value)
-        except (ValueError, json.JSONDecodeError) as error:
+        except (ValueError, TypeError, json.JSONDecodeError) as error:
             raise ValueError(f"bad value for {full_key!r}: {error}") from None
-    elif isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return replace(obj, **{path[0]: value})
+    return _replace(obj, {path[0]: checked_value(current, value, full_key, where)}, where)
+
+
+def _replace(obj, changes: dict, where: str):
+    """dataclasses.replace, with a dataclass's own checks reported as one line naming where."""
+    try:
+        return replace(obj, **changes)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` strings -> {KEY: VALUE} (values stay strings: ``apply_overrides`` types them)."""
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = value
+    return overrides
+
+
+def command_config(preset: Optional[str], overrides: dict, saved: Optional[TrainConfig] = None,
+                   folder: str = "") -> TrainConfig:
+    """What ``train`` runs: the preset with the given settings; when resuming, the run's saved settings with
+    them (``train`` then holds them to ``check_resume``)."""
+    if saved is not None:
+        if preset and preset != saved.preset:
+            raise ValueError(f"--resume: {folder} is a {saved.preset} run, not {preset}")
+        return apply_overrides(saved, overrides)
+    if not preset:
+        raise ValueError("--preset is required (or --resume --out RUN_DIR)")
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: not one of {', '.join(sorted(PRESETS))}")
+    return apply_overrides(PRESETS[preset], overrides)
 
 
 def load_yaml_overrides(path: str) -> dict:
@@ -196,8 +285,21 @@ def to_dict(config: TrainConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-# Settings a resumed run may change: where and how it runs, not what it learns.
-RUNTIME_SETTINGS = frozenset({"device", "workers", "skip_bad", "log_every"})
+# Settings a resumed run may change: where and how it runs, not what it learns; and optim.iterations may
+# grow (a finished run is extended).
+RUNTIME_SETTINGS = frozenset({"device", "workers", "skip_bad", "log_every", "max_pixels"})
+
+
+def check_resume(saved: TrainConfig, config: TrainConfig, folder: str) -> None:
+    """The one resume rule: ``config`` may differ from the run's ``saved`` settings only in the runtime
+    settings, and in ``optim.iterations`` when it grows."""
+    changed = [key for key in differences(saved, config) if key not in RUNTIME_SETTINGS]
+    if changed == ["optim.iterations"] and config.optim.iterations > saved.optim.iterations:
+        return
+    if changed:
+        raise ValueError(f"--resume: {folder} continues with its own settings (config.json); these would "
+                         f"change: {', '.join(changed[:6])} (only --device, --workers, --skip-bad may change, "
+                         "and --iterations may grow)")
 
 
 def differences(first: TrainConfig, second: TrainConfig) -> list[str]:
@@ -214,24 +316,30 @@ def differences(first: TrainConfig, second: TrainConfig) -> list[str]:
     return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
-def _build(kind, data: dict, where: str):
-    """A (nested) config dataclass from its ``to_dict`` form; unknown keys are errors naming the key."""
+def _build(kind, data: dict, where: str, prefix: str = ""):
+    """A (nested) config dataclass from its ``to_dict`` form; unknown keys and values of the wrong type are
+    errors naming the dotted key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {prefix.rstrip('.') or 'the configuration'} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(kind)}
     defaults = kind()
     values = {}
     for key, value in data.items():
         if key not in fields:
-            raise ValueError(f"{where}: unknown setting {key!r} in {kind.__name__}")
+            raise ValueError(f"{where}: unknown setting {prefix + key!r} in {kind.__name__}")
         current = getattr(defaults, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = _build(type(current), value, where)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
+        if dataclasses.is_dataclass(current):
+            value = _build(type(current), value, where, f"{prefix}{key}.")
+        else:
+            value = checked_value(current, value, prefix + key, where)
         values[key] = value
-    return kind(**values)
+    try:
+        return kind(**values)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
-LEGACY_OBJECTIVES = {"spml": SPML, "pce": replace(PARTIAL_CE, head_scale=0.0)}
+LEGACY_OBJECTIVES = {"spml": OBJECTIVES["spml"], "pce": replace(OBJECTIVES["pce"], head_scale=0.0)}
 
 
 def from_dict(data: dict, where: str = "config") -> TrainConfig:

@@ -43,7 +43,7 @@ def _require_pydensecrf():
         import pydensecrf.densecrf as densecrf
     except ImportError:
         raise RuntimeError("dense CRF needs pydensecrf2 (pip install pydensecrf2), or turn it off "
-                           "(--set crf.enabled=false)") from None
+                           "(train --set crf.enabled=false, or --crf off on eval and predict)") from None
     return densecrf
 
 

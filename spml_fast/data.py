@@ -1,6 +1,6 @@
-"""Datasets (docs/data.md): SPML list files, a plain folder of images and PNG
-label maps, weak annotations turned into pixel labels, over-segmentations
-(read, or computed with scikit-image and cached), and the training
+"""Datasets (docs/data.md): SPML list files of images and PNG label maps,
+weak annotations turned into pixel labels, over-segmentations (read, or
+computed with scikit-image and cached), the image normalisation, and the training
 augmentations (docs/method.md, training recipe).
 
 Every random choice of the training pipeline is a pure function of
@@ -25,6 +25,26 @@ from .io import save_png
 IGNORE = 255
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """Colours [..., 3, H, W] float in [0, 1] -> the network's input, float32 ((x - MEAN) / STD per channel).
+    The one place the library normalises images (training, prediction, export parity, benchmarks)."""
+    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return (images.float() - mean) / std
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``normalise``: [..., 3, H, W] -> colours in [0, 1] float32 (clamped)."""
+    mean = torch.tensor(MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(3, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> normalised float32 [3, H, W]."""
+    return normalise(torch.tensor(image).permute(2, 0, 1).float() / 255.0)
 
 
 class DataError(ValueError):
@@ -100,24 +120,6 @@ def check_entries(entries: list[Entry], skip_bad: bool = False) -> list[Entry]:
     return kept
 
 
-def read_folder(root: str, images: str = "images", labels: str = "labels") -> list[Entry]:
-    """A plain folder: ``root/images/<stem>.{jpg,png}`` with ``root/labels/<stem>.png`` when present."""
-    image_dir = os.path.join(root, images)
-    if not os.path.isdir(image_dir):
-        raise DataError(f"image folder not found: {image_dir}")
-    entries = []
-    for name in sorted(os.listdir(image_dir)):
-        stem, ext = os.path.splitext(name)
-        if ext.lower() not in (".jpg", ".jpeg", ".png", ".bmp"):
-            continue
-        label = os.path.join(root, labels, stem + ".png")
-        entries.append(Entry(os.path.join(image_dir, name), label if os.path.exists(label) else None,
-                             key=f"{images}/{name}"))
-    if not entries:
-        raise DataError(f"no images in {image_dir}")
-    return entries
-
-
 def read_classes(classes) -> list[str]:
     """``--classes N`` or a file of class names, one per line (index 0 = background)."""
     if isinstance(classes, int) or (isinstance(classes, str) and classes.isdigit()):
@@ -131,32 +133,40 @@ def read_classes(classes) -> list[str]:
         return [n.strip() for n in names if n.strip()]
 
 
-MAX_PIXELS = 64_000_000        # default limit of load_image (8000 x 8000); --max-pixels changes it
+MAX_PIXELS = 64_000_000        # default pixel limit of a decoded file (8000 x 8000); --max-pixels changes it
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def set_max_pixels(limit: int) -> None:
-    """The pixel limit of ``load_image`` for this process (the commands' ``--max-pixels``)."""
-    global MAX_PIXELS
-    if limit < 1:
-        raise ValueError(f"--max-pixels must be >= 1, got {limit}")
-    MAX_PIXELS = int(limit)
+def check_max_pixels(limit: int) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"--max-pixels must be a positive integer, got {limit!r}")
+    return limit
 
 
-def _check_size(image, path: str, kind: str, max_pixels: Optional[int] = None) -> None:
-    limit = max_pixels or MAX_PIXELS
+def _check_size(image, path: str, kind: str, max_pixels: int) -> None:
     width, height = image.size
-    if width * height > limit:
+    if width * height > max_pixels:
         raise DataError(f"{kind} {path} is {width} x {height} = {width * height:,} pixels, above the limit of "
-                        f"{limit:,} (--max-pixels)")
+                        f"{max_pixels:,} (--max-pixels)")
 
 
-def load_image(path: str, max_pixels: Optional[int] = None) -> np.ndarray:
-    """RGB uint8 [H, W, 3]. An image above ``max_pixels`` (default ``MAX_PIXELS``) is refused from its
-    header, before decoding (a 17 KB PNG can hold 12000 x 12000 pixels): a DataError, like any bad file."""
+def _rgb(image) -> np.ndarray:
+    """A decoded image as uint8 [H, W, 3]: 16-bit greyscale scaled from its 0-65535 range (Pillow's own
+    conversion clips it to white), everything else through Pillow's RGB conversion."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64)
+        grey = np.round(np.clip(grey, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 [H, W, 3] (writable). An image above ``max_pixels`` is refused from its header, before
+    decoding (a 17 KB PNG can hold 12000 x 12000 pixels): a DataError, like any bad file."""
     try:
         with Image.open(path) as image:
             _check_size(image, path, "image", max_pixels)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return _rgb(image)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except Image.DecompressionBombError as error:
@@ -167,27 +177,52 @@ def load_image(path: str, max_pixels: Optional[int] = None) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {error}") from None
 
 
-def load_label(path: str, num_classes: int) -> np.ndarray:
-    """Class id per pixel, 255 = unlabelled; any other value outside [0, K) is an error."""
+def load_label(path: str, num_classes: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Class id per pixel as uint8, 255 = unlabelled; any other value outside [0, K) is an error (also in a
+    16-bit label map: 300 is not clipped to 255)."""
     try:
         with Image.open(path) as image:
-            _check_size(image, path, "label map")
-            label = np.asarray(image if image.mode in ("P", "L") else image.convert("L"), dtype=np.uint8)
+            _check_size(image, path, "label map", max_pixels)
+            if image.mode in ("P", "L") or image.mode in SIXTEEN_BIT_MODES:
+                label = np.asarray(image, dtype=np.int64)
+            else:
+                label = np.asarray(image.convert("L"), dtype=np.int64)
     except FileNotFoundError:
         raise DataError(f"label map not found: {path}") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read label map {path}: {error}") from None
     values = np.unique(label)
-    bad = values[(values >= num_classes) & (values != IGNORE)]
+    bad = values[((values >= num_classes) & (values != IGNORE)) | (values < 0)]
     if bad.size:
         raise DataError(f"label map {path} holds value {int(bad[0])}, outside [0, {num_classes}) and 255")
-    return label
+    return label.astype(np.uint8)
 
 
-def load_overseg(path: str) -> np.ndarray:
+def check_labels(entries: list[Entry], num_classes: int, max_pixels: int = MAX_PIXELS, skip_bad: bool = False,
+                 progress: bool = True) -> int:
+    """Every label map of a training list read and checked before the first step (values in [0, K) or
+    255, readable); returns the labelled pixel count. A list without any labelled pixel is an error: the
+    loss would be 0 and nothing would be learnt."""
+    from tqdm import tqdm
+    labelled = 0
+    for entry in tqdm(entries, desc="check labels", unit="map", disable=not progress, leave=False):
+        if entry.label is None:
+            continue
+        try:
+            labelled += int((load_label(entry.label, num_classes, max_pixels) != IGNORE).sum())
+        except DataError:
+            if not skip_bad:
+                raise
+    if labelled == 0:
+        raise DataError("the training list has no labelled pixel (no label maps, or only 255): nothing to learn "
+                        "from; give 'image label' lines whose maps hold class ids")
+    return labelled
+
+
+def load_overseg(path: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            _check_size(image, path, "over-segmentation")
+            _check_size(image, path, "over-segmentation", max_pixels)
             array = np.asarray(image)
     except FileNotFoundError:
         raise DataError(f"over-segmentation not found: {path}") from None
@@ -257,8 +292,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(self, entries: list[Entry], num_classes: int, root: str, train: bool = True,
                  augment: AugmentConfig = AugmentConfig(), overseg: OversegConfig = OversegConfig(),
-                 seed: int = 0, skip_bad: bool = False, tags_file: Optional[str] = None):
+                 seed: int = 0, skip_bad: bool = False, tags_file: Optional[str] = None,
+                 max_pixels: int = MAX_PIXELS):
         self.entries, self.num_classes, self.train, self.augment = entries, num_classes, train, augment
+        self.max_pixels = check_max_pixels(max_pixels)
         self.overseg_config, self.seed, self.skip_bad = overseg, seed, skip_bad
         self.cache_dir = os.path.join(root, ".cache", "overseg")
         tags_file = tags_file or os.path.join(root, "tags.json")
@@ -277,12 +314,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> dict:
         """The raw arrays of one entry (no augmentation)."""
         entry = self.entries[index]
-        image = load_image(entry.image)
-        label = (load_label(entry.label, self.num_classes) if entry.label
+        image = load_image(entry.image, self.max_pixels)
+        label = (load_label(entry.label, self.num_classes, self.max_pixels) if entry.label
                  else np.full(image.shape[:2], IGNORE, dtype=np.uint8))
         if label.shape != image.shape[:2]:
             raise DataError(f"label map {entry.label} is {label.shape}, image {entry.image} is {image.shape[:2]}")
-        regions = (load_overseg(entry.overseg) if entry.overseg
+        regions = (load_overseg(entry.overseg, self.max_pixels) if entry.overseg
                    else compute_overseg(image, self.overseg_config, self.cache_dir))
         if entry.key in self.given_tags:
             tags = [int(t) for t in self.given_tags[entry.key] if 0 < int(t) < self.num_classes]
@@ -303,8 +340,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         valid = np.ones(label.shape, dtype=bool)
         if self.train:
             image, label, regions, valid = _augment(rng, image, label, regions, self.augment)
-        tensor = (torch.from_numpy(image.astype(np.float32) / 255.0) - torch.tensor(MEAN)) / torch.tensor(STD)
-        return dict(image=tensor.permute(2, 0, 1).contiguous(), label=torch.from_numpy(label.astype(np.int64)),
+        return dict(image=image_tensor(image).contiguous(), label=torch.from_numpy(label.astype(np.int64)),
                     overseg=torch.from_numpy(regions.astype(np.int64)), valid=torch.from_numpy(valid),
                     tags=torch.from_numpy(tags_to_words(raw["tags"], self.num_classes)), index=index)
 

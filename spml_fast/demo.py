@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from .config import PRESETS, apply_overrides
-from .data import SegmentationDataset, read_list
-from .evaluate import class_scores, format_table, load_for_eval, run_eval, run_predictor
+from .evaluate import format_table, run_eval
+from .predictor import open_predictor
 from .io import save_json
 from .objective import describe
-from .synth import SynthConfig, palette, write_dataset
+from .overlay import palette
+from .synth import SynthConfig, write_dataset
 from .train import train
 
 
@@ -34,8 +35,8 @@ def demo(out: str, iterations: Optional[int] = None, scenes: SynthConfig = Synth
             config = apply_overrides(config, {"optim.iterations": iterations})
         run_dir = os.path.join(out, preset)
         train(config, run_dir, resume="auto")
-        loaded[preset] = load_for_eval(run_dir)
-        result, class_names = run_eval(run_dir, loaded=loaded[preset])
+        loaded[preset] = open_predictor(run_dir, build_bank=True)
+        result, class_names = run_eval(run_dir, predictor=loaded[preset])
         results[preset] = result
         print(f"\n{preset}: val mIoU {result['mIoU']:.3f}\n{format_table(result, class_names)}\n")
     figure = os.path.join(out, "demo.png")
@@ -49,22 +50,19 @@ def demo(out: str, iterations: Optional[int] = None, scenes: SynthConfig = Synth
 
 
 @torch.no_grad()
-def save_figure(loaded, data: str, path: str, count: int = 4) -> None:
-    """loaded: ``load_for_eval`` of a run: (run, model, head)."""
+def save_figure(predictor, data: str, path: str, count: int = 4) -> None:
+    """predictor: a run's ``Predictor``; the first ``count`` validation images under ``data``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
-    run, model, head = loaded
-    predictor = run_predictor(run, model)
-    num_classes = run.num_classes
-    val_entries = read_list(data, run.config.val_list)[:count]
-    val_set = SegmentationDataset(val_entries, num_classes, data, train=False, overseg=run.config.overseg)
+    val_set = predictor.run.dataset(data_root=data)
+    val_entries = val_set.entries[:count]
     colours = np.array(palette()[:3 * 256]).reshape(256, 3).astype(np.uint8)
     fig, axes = plt.subplots(count, 4, figsize=(8, 2 * count))
     for row, entry in enumerate(val_entries):
         sample = val_set[row]
-        prediction = class_scores(model, sample["image"], head, predictor).argmax(0).numpy()
+        prediction = predictor.scores(sample["image"][None])[0].argmax(0).numpy()
         scribble_path = entry.image.replace("JPEGImages", "scribble")
         panels = [np.asarray(Image.open(entry.image).convert("RGB")),
                   colours[np.asarray(Image.open(scribble_path))] if os.path.exists(scribble_path) else None,

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from .bank import PrototypeBank
 from .config import DEFAULT_K                # a run's own k is TrainConfig.eval_k
 from .crf import CrfConfig, refine_batch
-from .data import MEAN, STD
+from .data import denormalise
 from .ops import nearest_prototype, segment_prototypes
-from .segments import cluster_embeddings
+from .segments import KMEANS_GRID, KMEANS_ITERATIONS, cluster_embeddings
 
 METHODS = ("pixel-knn", "segment-knn", "classifier")
 
@@ -44,8 +44,8 @@ class PredictorConfig:
     k: int = DEFAULT_K                 # neighbours voting (k-NN methods)
     window: Optional[int] = None       # sliding-window side in pixels; None = the whole image at once
     scales: tuple = (1.0,)             # multi-scale factors, scores averaged
-    segment_grid: int = 6              # segment-knn: k-means start grid per image
-    segment_iterations: int = 10
+    segment_grid: int = KMEANS_GRID    # segment-knn: k-means start grid per image (a run's: its bank's grid)
+    segment_iterations: int = KMEANS_ITERATIONS
     crf: CrfConfig = CrfConfig()       # dense CRF on the final scores (off by default)
 
     def __post_init__(self):
@@ -158,9 +158,7 @@ def predict_scores(model: nn.Module, images: torch.Tensor, head: Head,
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Normalised images [B, 3, H, W] -> uint8 [B, H, W, 3] (the colours the CRF compares)."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    colours = ((images.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    colours = (denormalise(images) * 255).round().to(torch.uint8)
     return colours.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -19,12 +19,11 @@ head, otherwise with k-NN against its prototype bank.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, MEAN, STD
+from .data import IGNORE, denormalise
 from .losses import GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, tree_energy_loss
 
 HEAD_TERMS = ("partial_ce", "tree_energy", "gaussian_mixture")
@@ -46,9 +45,10 @@ class ObjectiveConfig:
                 raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
         if not (self.relations > 0 or self.has_head):
             raise ValueError("the objective has no term: give objective.relations or a head term a weight > 0")
-        if (self.tree_energy or self.gaussian_mixture) and not self.partial_ce:
-            raise ValueError("objective.tree_energy / gaussian_mixture spread the labels of partial_ce: "
-                             "give objective.partial_ce a weight > 0")
+        weights = {name: getattr(self, name) for name in HEAD_TERMS}
+        if (weights["tree_energy"] or weights["gaussian_mixture"]) and not weights["partial_ce"]:
+            raise ValueError("the objective's tree_energy / gaussian_mixture terms spread the labels of partial_ce: "
+                             "give its partial_ce a weight > 0")
 
     @property
     def has_head(self) -> bool:
@@ -63,49 +63,69 @@ def describe(objective: ObjectiveConfig) -> str:
 
 def image_colours(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Normalised images [B, 3, H, W] -> colours [B, 3, h, w] in [0, 1], area-averaged to ``size``."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return F.adaptive_avg_pool2d((images.float() * std + mean).clamp(0, 1), size)
+    return F.adaptive_avg_pool2d(denormalise(images), size)
 
 
 def head_losses(logits: torch.Tensor, embeddings: torch.Tensor, batch: dict, config: ObjectiveConfig,
-                num_classes: int) -> dict:
-    """logits [B, K, h, w] of the class head, embeddings [B, D, h, w] -> {term: float32 scalar} for the
-    head terms with a weight. batch: image [B, 3, H, W], label [B, H, W] (255 unlabelled), valid [B, H, W]."""
+                num_classes: int, terms: set) -> dict:
+    """logits [B, K, h, w] of the class head, embeddings [B, D, h, w] -> {term: float32 scalar} for the head
+    ``terms`` asked for (those with a weight). batch: image [B, 3, H, W], label [B, H, W] (255 unlabelled),
+    valid [B, H, W]."""
     from .segments import pool_labels, sample_nearest
     losses = {}
     label = torch.where(batch["valid"], batch["label"], torch.full_like(batch["label"], IGNORE))
-    if config.partial_ce:
+    if "partial_ce" in terms:
         upsampled = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
         losses["partial_ce"] = (F.cross_entropy(upsampled, label, ignore_index=IGNORE) if (label != IGNORE).any()
                                 else upsampled.sum() * 0)
-    if config.tree_energy or config.gaussian_mixture:
+    if terms & {"tree_energy", "gaussian_mixture"}:
         size = tuple(logits.shape[-2:])
         probabilities = logits.float().softmax(1)
         colours = image_colours(batch["image"], size)
         small_label = pool_labels(label, size, num_classes)
         small_label = torch.where(small_label == IGNORE, -1, small_label)
         valid = sample_nearest(batch["valid"].long(), size) > 0
-        if config.tree_energy:
+        if "tree_energy" in terms:
             losses["tree_energy"] = tree_energy_loss(probabilities, colours, embeddings, small_label < 0, valid,
                                                      config.tree)
-        if config.gaussian_mixture:
+        if "gaussian_mixture" in terms:
             losses["gaussian_mixture"] = gaussian_mixture_loss(probabilities, embeddings, colours, small_label,
                                                                valid, config.mixture)
     return losses
 
 
-def weighted_sum(losses: dict, weights: dict) -> torch.Tensor:
-    return sum(weights[name] * value for name, value in losses.items())
+def term_weights(config) -> dict:
+    """The weight of every loss term of a ``TrainConfig``: the head terms' own, and the relations' weights
+    times ``objective.relations``. The one place a term's weight is read."""
+    objective = config.objective
+    weights = {name: getattr(objective, name) for name in HEAD_TERMS}
+    weights.update({name: objective.relations * weight for name, weight in config.relations.weights().items()})
+    return weights
 
 
-def head_weights(config: ObjectiveConfig) -> dict:
-    return {name: getattr(config, name) for name in HEAD_TERMS}
+def compute(model, batch: dict, bank, config, num_classes: int):
+    """One step's loss: (total float32 scalar, {term: detached float32 scalar}, this batch's segments for
+    the memory bank or None).
 
-
-def total_loss(head_terms: dict, relation_total: Optional[torch.Tensor], config: ObjectiveConfig) -> torch.Tensor:
-    """sum of weight x head term, plus objective.relations x the relations' own weighted sum."""
-    total = weighted_sum(head_terms, head_weights(config)) if head_terms else 0
-    if relation_total is not None:
-        total = total + config.relations * relation_total
-    return total
+    model: the ``SpmlModel`` (or its DDP wrapper); batch: image [B, 3, H, W] normalised, label [B, H, W]
+    int64 (255 unlabelled), overseg [B, H, W] int64, valid [B, H, W] bool, tags [B, W] int64, image_ids
+    [B] int64 (unique across iterations and ranks); bank: the relations' ``MemoryBank``; config: the
+    ``TrainConfig``. Terms with weight 0 are not computed; total = sum of weight x term (``term_weights``).
+    """
+    from .relations import relation_losses
+    from .segments import make_segments
+    embeddings = model(batch["image"])
+    objective = config.objective
+    weights = term_weights(config)
+    terms, local = {}, None
+    if objective.has_head:
+        classifier = model.module.classifier if hasattr(model, "module") else model.classifier
+        wanted = {name for name in HEAD_TERMS if weights[name]}
+        terms.update(head_losses(classifier(embeddings), embeddings, batch, objective, num_classes, wanted))
+    if objective.relations:
+        segments = make_segments(embeddings, batch["label"], batch["overseg"], batch["valid"], batch["tags"],
+                                 num_classes, config.kmeans_grid, config.kmeans_iterations)
+        relations, local = relation_losses(segments, bank, config.relations, num_classes, batch["image_ids"])
+        terms.update(relations)
+    total = sum(weights[name] * value for name, value in terms.items())
+    return total, {name: value.detach() for name, value in terms.items()}, local

@@ -14,11 +14,10 @@ import sys
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
-from .data import MEAN, STD, DataError, load_image
+from .data import MAX_PIXELS, DataError, load_image
 from .io import atomic_path, save_png
-from .synth import palette
+from .overlay import overlay, palette
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -33,38 +32,6 @@ def expand_images(paths: Sequence[str]) -> list[str]:
         else:
             out.append(path)
     return out
-
-
-def torch_labeller(model, head, predictor, device="cpu") -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 [H, W, 3] -> labels [H, W] by ``inference.predict_labels``."""
-    from .inference import predict_labels
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-
-    def label(image: np.ndarray) -> np.ndarray:
-        tensor = (torch.from_numpy(image).permute(2, 0, 1).float() / 255.0 - mean) / std
-        return predict_labels(model, tensor[None].to(device), head, predictor)[0].cpu().numpy()
-    return label
-
-
-def overlay(image: np.ndarray, labels: np.ndarray, class_names: Optional[Sequence[str]] = None,
-            alpha: float = 0.5) -> np.ndarray:
-    """The label colours over the image at ``alpha``, with a legend of the classes present when their
-    names are known."""
-    colours = np.array(palette()[:768], dtype=np.float32).reshape(256, 3)
-    blended = (image.astype(np.float32) * (1 - alpha) + colours[labels] * alpha).round().astype(np.uint8)
-    if not class_names:
-        return blended
-    from PIL import Image, ImageDraw
-    canvas = Image.fromarray(blended)
-    draw = ImageDraw.Draw(canvas)
-    present = [int(c) for c in np.unique(labels) if int(c) < len(class_names)]
-    for row, cls in enumerate(present):
-        top = 2 + 12 * row
-        if top + 10 > canvas.height:
-            break
-        draw.rectangle([2, top, 11, top + 9], fill=tuple(int(v) for v in colours[cls]), outline=(255, 255, 255))
-        draw.text((14, top - 1), str(class_names[cls]), fill=(255, 255, 255), stroke_width=1, stroke_fill=(0, 0, 0))
-    return np.asarray(canvas)
 
 
 def output_names(paths: Sequence[str]) -> dict:
@@ -83,7 +50,8 @@ def output_names(paths: Sequence[str]) -> dict:
 
 
 def predict_files(images: Sequence[str], out_dir: str, labeller: Callable[[np.ndarray], np.ndarray],
-                  progress: bool = True, class_names: Optional[Sequence[str]] = None) -> tuple[int, list[str]]:
+                  progress: bool = True, class_names: Optional[Sequence[str]] = None,
+                  max_pixels: int = MAX_PIXELS) -> tuple[int, list[str]]:
     """Returns (images written, failures as 'path: reason')."""
     from PIL import Image
     from tqdm import tqdm
@@ -98,7 +66,7 @@ def predict_files(images: Sequence[str], out_dir: str, labeller: Callable[[np.nd
     written, failures = 0, []
     for path in tqdm(paths, desc="predict", disable=not progress, unit="image"):
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels)
         except DataError as error:  # unreadable, missing or over the pixel limit: report, go on
             failures.append(f"{path}: {error}")
             print(f"warning: skipped {path}: {error}", file=sys.stderr)
@@ -112,16 +80,13 @@ def predict_files(images: Sequence[str], out_dir: str, labeller: Callable[[np.nd
     return written, failures
 
 
-# predict's options that choose how a run predicts; an exported model fixed them at export
-PREDICTOR_OPTIONS = ("k", "method", "window", "scales", "crf")
-
-
 def make_labeller(checkpoint: Optional[str], bank: Optional[str], classifier: Optional[str],
-                  model_file: Optional[str], predictor_options: Optional[dict] = None, providers: str = "auto",
+                  model_file: Optional[str], overrides: Optional[dict] = None, providers: str = "auto",
                   device: Optional[str] = None):
-    """(labeller, class names) for ``predict``'s options: exactly one of --checkpoint and --model.
-    predictor_options: the PredictorConfig fields given explicitly (None = the run's own settings)."""
-    options = {key: value for key, value in (predictor_options or {}).items() if value is not None}
+    """(labeller: uint8 [H, W, 3] -> labels [H, W], class names) for ``predict``'s options: exactly one of
+    --checkpoint (``predictor.open_predictor``, the run's own settings unless ``overrides`` say otherwise)
+    and --model (an exported graph, run as exported)."""
+    options = {key: value for key, value in (overrides or {}).items() if value is not None}
     if bool(checkpoint) == bool(model_file):
         raise ValueError("give either --checkpoint RUN (optionally with --bank or --classifier) or --model FILE")
     if model_file:
@@ -131,24 +96,13 @@ def make_labeller(checkpoint: Optional[str], bank: Optional[str], classifier: Op
             raise ValueError(f"--model {model_file} runs the graph as it was exported: {', '.join(given)} do not "
                              "apply to it (export again with other settings, or predict from --checkpoint)")
         from .runtime import Segmenter
-        segmenter = Segmenter(model_file, providers=providers, bank=None, batch_size=1) if not bank else None
-        if segmenter is None:
+        if bank:
             from .export.onnx_export import read_metadata
             if not (model_file.endswith(".onnx") and read_metadata(model_file).get("bank_as_input")):
                 raise ValueError(f"--bank {bank}: {model_file} has its bank built in (exported without "
                                  "--bank-as-input); it would be ignored")
-            segmenter = Segmenter(model_file, providers=providers, bank=bank, batch_size=1)
+        segmenter = Segmenter(model_file, providers=providers, bank=bank, batch_size=1)
         return (lambda image: segmenter.predict([image])[0]), segmenter.class_names
-    from dataclasses import replace
-
-    from spml_fast.export.pipeline import load_deployable
-    from .inference import PredictorConfig
-    device = device or "cpu"
-    deployable = load_deployable(checkpoint, bank, classifier, device)
-    if deployable.bank is None and options.get("method", "classifier") != "classifier":
-        raise ValueError(f"--method {options['method']} votes against a prototype bank: give --bank BANK")
-    head = deployable.bank if deployable.bank is not None else deployable.classifier
-    predictor = replace(PredictorConfig(method=deployable.method, k=deployable.k, crf=deployable.crf), **options)
-    if deployable.bank is None:
-        predictor = replace(predictor, method="classifier")
-    return torch_labeller(deployable.embedding_net.to(device).eval(), head, predictor, device), deployable.class_names
+    from .predictor import open_predictor
+    predictor = open_predictor(checkpoint, bank, classifier, device or "cpu", **options)
+    return predictor.label_image, predictor.class_names

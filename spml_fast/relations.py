@@ -41,6 +41,11 @@ class RelationConfig:
     memory_bank: int = 2               # batches of segments kept
     loss_impl: str = "tiled"           # "tiled" | "dense": the paper's N x M formulation (benchmarks only)
 
+    def weights(self) -> dict:
+        """{relation: weight} (``objective.term_weights`` multiplies them by ``objective.relations``)."""
+        return {"I": self.weight_image, "C": self.weight_semantic, "O": self.weight_cooccurrence,
+                "A": self.weight_affinity}
+
     def __post_init__(self):
         if self.loss_impl not in LOSS_IMPLEMENTATIONS:
             raise ValueError(f"relations.loss_impl must be one of {sorted(LOSS_IMPLEMENTATIONS)}, "
@@ -151,12 +156,11 @@ def relation_losses(segments: Segments, bank: MemoryBank, config: RelationConfig
     """{"I", "C", "O", "A"} losses (float32 scalars) for the relations with a non-zero weight, and this
     batch's segments for the memory bank. image_ids [B]: ids unique across iterations and ranks."""
     losses = {}
-    pixel_segment_loss = LOSS_IMPLEMENTATIONS[config.loss_impl]
+    loss = LOSS_IMPLEMENTATIONS[config.loss_impl]
     embeddings, segment = segments.embeddings, segments.segment
     if config.weight_image:
-        losses["I"] = pixel_segment_loss(embeddings, segments.prototypes, segment, segments.pixel_region,
-                                         segments.segment_region, config.kappa_image,
-                                         segments.pixel_image, segments.segment_image)
+        losses["I"] = loss(embeddings, segments.prototypes, segment, segments.pixel_region, segments.segment_region,
+                           config.kappa_image, segments.pixel_image, segments.segment_image)
     prototypes, everyone, offset = gather_segments(segments, image_ids)
     extra = bank.segments()
     if extra:
@@ -164,19 +168,11 @@ def relation_losses(segments: Segments, bank: MemoryBank, config: RelationConfig
         prototypes = torch.cat([prototypes] + [e.prototypes for e in extra])
     own = segment + offset
     if config.weight_semantic:
-        losses["C"] = pixel_segment_loss(embeddings, prototypes, own, segments.pixel_label, everyone.label,
-                                         config.kappa_semantic)
+        losses["C"] = loss(embeddings, prototypes, own, segments.pixel_label, everyone.label, config.kappa_semantic)
     if config.weight_cooccurrence:
-        losses["O"] = pixel_segment_loss(embeddings, prototypes, own, segments.pixel_tags, everyone.tags,
-                                         config.kappa_cooccurrence)
+        losses["O"] = loss(embeddings, prototypes, own, segments.pixel_tags, everyone.tags, config.kappa_cooccurrence)
     if config.weight_affinity:
         sets = affinity_sets(everyone.prototypes, everyone.label, everyone.image, num_classes,
                              config.affinity_threshold, config.affinity_topk)
-        losses["A"] = pixel_segment_loss(embeddings, prototypes, own, sets[own], sets, config.kappa_affinity)
+        losses["A"] = loss(embeddings, prototypes, own, sets[own], sets, config.kappa_affinity)
     return losses, BankSegments.of(segments, image_ids)
-
-
-def weighted_total(losses: dict, config: RelationConfig) -> torch.Tensor:
-    weights = {"I": config.weight_image, "C": config.weight_semantic, "O": config.weight_cooccurrence,
-               "A": config.weight_affinity}
-    return sum(weights[name] * value for name, value in losses.items())

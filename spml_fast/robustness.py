@@ -24,11 +24,11 @@ from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Optional
 
+from .config import OBJECTIVES as NAMED_OBJECTIVES
 from .synth import SynthConfig
 
-OBJECTIVES = {"pce": "synthetic-scribble-pce", "spml": "synthetic-scribble-spml", "tel": "synthetic-scribble-tel",
-              "agmm": "synthetic-scribble-agmm", "hybrid": "synthetic-scribble-hybrid",
-              "hybrid+tel": "synthetic-scribble-hybrid-tel", "tel+agmm": "synthetic-scribble-tel-agmm"}
+# objective name (config.OBJECTIVES) -> its preset on the built-in data's recipe
+OBJECTIVES = {name: f"synthetic-scribble-{name}" for name in NAMED_OBJECTIVES}
 BASELINE = "pce"
 
 
@@ -130,8 +130,8 @@ def finished_cell(run_dir: str) -> Optional[dict]:
 def run_job(job: Job) -> dict:
     """Train one cell (resumable) and evaluate it with and without the CRF; cached in result.json."""
     from .config import PRESETS, apply_overrides
-    from .data import SegmentationDataset, read_list
-    from .evaluate import evaluate, load_for_eval, run_predictor
+    from .evaluate import evaluate
+    from .predictor import open_predictor
     from .io import save_json
     from .train import train
     cached = finished_cell(job.run_dir)
@@ -141,14 +141,11 @@ def run_job(job: Job) -> dict:
         "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
         "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
     train(config, job.run_dir, resume="auto", progress=False)
-    run, model, head = load_for_eval(job.run_dir, progress=False)
-    run_config, class_names = run.config, run.class_names
-    predictor = run_predictor(run, model)
-    val = SegmentationDataset(read_list(job.data, run_config.val_list), len(class_names), job.data, train=False,
-                              overseg=run_config.overseg)
+    predictor = open_predictor(job.run_dir, build_bank=True, progress=False)
+    val = predictor.run.dataset(data_root=job.data)
     result = dict(family=job.family, objective=job.objective, seed=job.seed)
-    for key, crf in (("plain", replace(run_config.crf, enabled=False)), ("crf", replace(run_config.crf, enabled=True))):
-        scores = evaluate(model, val, head, len(class_names), replace(predictor, crf=crf), progress=False)
+    for key, crf in (("plain", False), ("crf", True)):
+        scores = evaluate(predictor.with_settings(crf=crf), val, progress=False)
         result[key] = scores["mIoU"]
         result[key + "_per_class"] = scores["per_class"]
     save_json(os.path.join(job.run_dir, "result.json"), result)

@@ -6,16 +6,19 @@
 
 ``Run.open`` takes a run folder or its checkpoint file (``--checkpoint``)
 and gives the config, the class names, the model (``weights_only`` load)
-and the run's inference settings: every command that predicts (``eval``,
-``bank``, ``export``, ``predict``) takes k, the method and the CRF from
-here unless told otherwise, so they all reproduce the evaluated numbers.
-Unreadable, truncated or mismatched files are errors naming the file.
+and its evaluation data (``Run.dataset``). Prediction is ``predictor``'s:
+it reads k, the method and the CRF from the run's config. ``run_lock``
+keeps a second ``train`` out of a folder being written; ``refuse_run_file``
+keeps every output off a run's own files. Unreadable, truncated or
+mismatched files are errors naming the file.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -27,6 +30,9 @@ from .models import EmbeddingNet, LinearClassifier
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LOCK = ".lock"
+RUN_FILES = (CHECKPOINT, CONFIG, METRICS)
 
 
 class RunError(ValueError):
@@ -84,8 +90,51 @@ def read_config(folder: str) -> tuple[TrainConfig, list[str]]:
             data = json.load(handle)
         class_names = data.pop("class_names")
         return from_dict(data, where=path), list(class_names)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise RunError(f"{path}: not a run configuration ({type(error).__name__}: {error})") from None
+    except ValueError as error:                    # from_dict names the file and the key
+        raise RunError(str(error)) from None
+
+
+@contextmanager
+def run_lock(folder: str, enabled: bool = True):
+    """Hold ``folder/.lock`` (an advisory ``flock``, released by the system when the process dies) while a
+    run is written: a second ``train`` into the same folder is an error, never an interleaved run."""
+    os.makedirs(folder, exist_ok=True)
+    if not enabled:
+        yield
+        return
+    handle = open(os.path.join(folder, LOCK), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunError(f"--out {folder}: {holder} is training into this run folder; wait for it to finish or "
+                       "choose another --out") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def is_run_folder(folder: str) -> bool:
+    """A folder holding any file of a run (a checkpoint, its config or its log)."""
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES)
+
+
+def refuse_run_file(path: str, option: str = "--out") -> None:
+    """An output path that is a file of a run (its checkpoint, config or log) is an error: writing there
+    would destroy the run."""
+    folder, name = os.path.split(os.path.realpath(path))
+    if name in RUN_FILES and is_run_folder(folder):
+        raise ValueError(f"{option} {path}: that is the run's own {name} in {folder}; write elsewhere")
 
 
 def file_sha256(path: str) -> str:
@@ -146,11 +195,17 @@ class Run:
     def data_root(self, override: Optional[str] = None) -> str:
         return override or self.config.data_root
 
-    def predictor(self, has_head: Optional[bool] = None, **overrides):
-        """The run's inference settings (``inference.PredictorConfig``): its head's softmax when it has one,
-        else k-NN against a bank with k = ``eval_k``; its CRF. ``overrides``: fields set explicitly."""
-        from .inference import PredictorConfig
-        has_head = self.config.objective.has_head if has_head is None else has_head
-        base = PredictorConfig(method="classifier" if has_head else "pixel-knn", k=self.config.eval_k,
-                               crf=self.config.crf)
-        return replace(base, **{key: value for key, value in overrides.items() if value is not None})
+    def dataset(self, list_file: Optional[str] = None, data_root: Optional[str] = None, skip_bad: bool = False,
+                num_classes: Optional[int] = None):
+        """A ``SegmentationDataset`` of a list (default: the validation list) under the data root (default:
+        the run's), without augmentation, checked before any work: every listed file exists and the list
+        holds labels. The one constructor of evaluation data (eval, bank, classifier, demo, robustness).
+        num_classes: the label range (default: the run's classes; ``bank --add`` reads binary masks)."""
+        from .data import SegmentationDataset, check_entries, read_list
+        root = self.data_root(data_root)
+        list_file = list_file or self.config.val_list
+        entries = check_entries(read_list(root, list_file, self.config.allow_outside_root), skip_bad)
+        if not any(entry.label for entry in entries):
+            raise ValueError(f"--list {list_file}: no entry names a label map (expected 'image label' lines)")
+        return SegmentationDataset(entries, num_classes or self.num_classes, root, train=False,
+                                   overseg=self.config.overseg, skip_bad=skip_bad, max_pixels=self.config.max_pixels)

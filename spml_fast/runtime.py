@@ -52,6 +52,17 @@ def make_session(path: str, providers: str = "auto", threads: Optional[int] = No
     return session
 
 
+def check_bank_of_model(bank, metadata: dict, model: str) -> None:
+    """A bank fed to a ``--bank-as-input`` model must come from the checkpoint the model was exported from
+    (the SHA-256 both record): another run's prototypes live in another embedding space."""
+    expected = metadata.get("checkpoint_sha256")
+    recorded = bank.metadata.get("checkpoint_sha256")
+    if expected and recorded != expected:
+        raise ValueError(f"--bank: built from another checkpoint ({bank.metadata.get('checkpoint', '?')}) than "
+                         f"{model} was exported from ({metadata.get('checkpoint', '?')}); build the bank from "
+                         "that run")
+
+
 class Segmenter:
     """images -> label maps with an exported model.
 
@@ -98,6 +109,7 @@ class Segmenter:
             if isinstance(bank, str):
                 from spml_fast.bank import load_bank
                 bank = load_bank(bank)
+            check_bank_of_model(bank, self.metadata, model)
             capacity = int(self.metadata.get("num_classes", bank.num_classes))
             if bank.num_classes > capacity:
                 raise ValueError(f"bank has {bank.num_classes} classes; {model} was exported with room for "

@@ -18,6 +18,9 @@ from .ops import grid_assignment, segment_prototypes, spherical_kmeans
 from .data import IGNORE
 from .ops.membership import row_ids
 
+KMEANS_GRID = 6            # SegSort: k-means start grid per image (the one default; TrainConfig.kmeans_grid)
+KMEANS_ITERATIONS = 10
+
 
 @dataclass
 class Segments:
@@ -78,7 +81,8 @@ def cluster_embeddings(embeddings: torch.Tensor, grid: int, iterations: int,
 
 
 def make_segments(embeddings: torch.Tensor, label: torch.Tensor, overseg: torch.Tensor, valid: torch.Tensor,
-                  tags: torch.Tensor, num_classes: int, grid: int = 6, iterations: int = 10) -> Segments:
+                  tags: torch.Tensor, num_classes: int, grid: int = KMEANS_GRID,
+                  iterations: int = KMEANS_ITERATIONS) -> Segments:
     """embeddings [B, D, h, w] unit; label [B, H, W] (255 unlabelled); overseg [B, H, W] (-1 padding);
     valid [B, H, W] bool; tags [B, W] int64 bit sets."""
     dim, height, width = embeddings.shape[1:]

@@ -42,6 +42,7 @@ from skimage import draw
 
 from .data import IGNORE
 from .io import save_json, save_png, save_text
+from .overlay import palette
 
 CLASSES = ["background", "stripes", "dots", "checks", "waves", "speckle"]
 COLOURS = ["background", "red", "green", "blue", "yellow", "magenta"]
@@ -89,12 +90,6 @@ class SynthConfig:
 
 # Hue (0-1) centre of each foreground class, and its pattern.
 _CLASS_HUES = {1: 0.0, 2: 0.33, 3: 0.6, 4: 0.13, 5: 0.8}
-
-
-def palette() -> list[int]:
-    colours = [(0, 0, 0), (220, 60, 60), (60, 200, 60), (60, 90, 220), (230, 190, 40), (200, 60, 200)]
-    flat = [c for colour in colours for c in colour]
-    return flat + [255, 255, 255] * (256 - len(colours))
 
 
 def _hsv_to_rgb(h, s, v):

@@ -12,6 +12,7 @@ iteration, epoch, position and the torch RNG state.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -20,16 +21,16 @@ from typing import Optional
 
 import torch
 
-from .config import RUNTIME_SETTINGS, TrainConfig, differences
-from .data import EpochSampler, SegmentationDataset, check_entries, collate, read_classes, read_list
+from . import objective
+from .config import TrainConfig, check_resume
+from .data import EpochSampler, SegmentationDataset, check_entries, check_labels, collate, read_classes, read_list
 from .io import atomic_path
 from .models import load_pretrained
-from .objective import HEAD_TERMS, head_losses, total_loss
-from .relations import MemoryBank, relation_losses, weighted_total
-from .run import CHECKPOINT, RunError, SpmlModel, load_checkpoint, read_config, save_checkpoint, write_config
-from .segments import make_segments
+from .relations import MemoryBank
+from .run import (CHECKPOINT, METRICS, RUN_FILES, RunError, SpmlModel, is_run_folder, load_checkpoint, read_config,
+                  run_lock, save_checkpoint, write_config)
 
-__all__ = ["train", "training_step", "SpmlModel", "TrainingInterrupted", "load_checkpoint", "class_names"]
+__all__ = ["train", "SpmlModel", "TrainingInterrupted", "load_checkpoint", "class_names"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -37,8 +38,10 @@ class TrainingInterrupted(RuntimeError):
 
 
 def learning_rate(config: TrainConfig, iteration: int) -> float:
+    """Linear warm-up over ``optim.warmup`` iterations (at most a tenth of the run), then poly decay."""
     optim = config.optim
-    warm = min(1.0, (iteration + 1) / max(1, optim.warmup))
+    warmup = max(1, min(optim.warmup, optim.iterations // 10))
+    warm = min(1.0, (iteration + 1) / warmup)
     return optim.lr * warm * (1 - iteration / optim.iterations) ** optim.power
 
 
@@ -88,23 +91,23 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
 
 
 def prepare_run_folder(config: TrainConfig, out_dir: str, resume) -> bool:
-    """Check ``resume`` against ``out_dir``; returns whether to resume. resume: False (a new run: the folder
-    must not hold one), True (continue it, with exactly its own settings), "auto" (continue if it holds
-    one; the demo and the experiment scripts, which rerun their own configurations)."""
-    has_run = os.path.isfile(os.path.join(out_dir, CHECKPOINT))
-    if resume is True and not has_run:
+    """Check ``resume`` against ``out_dir``; returns whether to resume from its checkpoint. resume: False (a
+    new run: the folder must hold no run file at all), True (continue it: ``config.check_resume``), "auto"
+    (continue if it holds one; the demo and the experiment scripts, which rerun their own configurations)."""
+    has_checkpoint = os.path.isfile(os.path.join(out_dir, CHECKPOINT))
+    if resume is True and not has_checkpoint:
         raise RunError(f"--resume: no {CHECKPOINT} in {out_dir}: nothing to continue (drop --resume to start)")
-    if resume is False and has_run:
-        raise RunError(f"--out {out_dir} already holds a run ({CHECKPOINT}); continue it with --resume, "
+    if resume is False and is_run_folder(out_dir):
+        present = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))]
+        raise RunError(f"--out {out_dir} already holds a run ({', '.join(present)}); continue it with --resume, "
                        "or choose another --out")
-    if not has_run:
-        return False
-    saved, _ = read_config(out_dir)
-    changed = [key for key in differences(saved, config) if key not in RUNTIME_SETTINGS]
-    if changed:
-        raise RunError(f"--resume: {out_dir} was trained with other settings ({', '.join(changed[:6])}); a run "
-                       "continues with its own config.json")
-    return True
+    if is_run_folder(out_dir):
+        saved, _ = read_config(out_dir)
+        try:
+            check_resume(saved, config, out_dir)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+    return has_checkpoint
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -115,145 +118,184 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.O
                            weight_decay=optim.weight_decay)
 
 
-def training_step(model, batch, config: TrainConfig, bank: MemoryBank, num_classes: int, image_ids):
-    """Forward and loss of one batch (``objective``): (total loss, {term: float}, segments for the
-    memory bank or None)."""
-    embeddings = model(batch["image"])
-    objective = config.objective
-    terms = {}
-    if objective.has_head:
-        classifier = model.module.classifier if hasattr(model, "module") else model.classifier
-        terms.update(head_losses(classifier(embeddings), embeddings, batch, objective, num_classes))
-    relation_total, local = None, None
-    if objective.relations:
-        segments = make_segments(embeddings, batch["label"], batch["overseg"], batch["valid"], batch["tags"],
-                                 num_classes, config.kmeans_grid, config.kmeans_iterations)
-        relations, local = relation_losses(segments, bank, config.relations, num_classes, image_ids)
-        relation_total = weighted_total(relations, config.relations)
-        terms.update(relations)
-    total = total_loss({k: v for k, v in terms.items() if k in HEAD_TERMS}, relation_total, objective)
-    return total, {name: float(value.detach()) for name, value in terms.items()}, local
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores: exact resume (module doc)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    bank: MemoryBank
+    iteration: int = 0
+    epoch: int = 0
+    position: int = 0
+
+    def state_dict(self) -> dict:
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), bank=self.bank.state_dict(),
+                    iteration=self.iteration, epoch=self.epoch, position=self.position, rng=torch.get_rng_state())
+
+    def load(self, path: str) -> None:
+        state = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as error:
+            raise RunError(f"{path} does not match the run's configuration: {str(error).splitlines()[0]}") from None
+        self.bank.load_state_dict(state["bank"])
+        self.iteration, self.epoch, self.position = state["iteration"], state["epoch"], state["position"]
+        torch.set_rng_state(state["rng"])
 
 
-def train(config: TrainConfig, out_dir: str, resume=False, stop_after: Optional[int] = None,
-          progress: bool = True) -> dict:
-    """Train; returns {"iteration", "checkpoint", "losses"}. ``resume``: False, True or "auto"
-    (``prepare_run_folder``). ``stop_after`` ends the run abruptly after that many iterations without
-    saving (tests use it to stand for a killed run)."""
-    from tqdm import tqdm
-    config = absolute_paths(config)
-    resuming = prepare_run_folder(config, out_dir, resume)
-    dist = init_distributed(config.device)
-    device = torch.device(config.device, dist.local_rank) if config.device == "cuda" else torch.device("cpu")
-    names = class_names(config)
-    num_classes = len(names)
-    torch.manual_seed(config.seed)
+def training_data(config: TrainConfig, num_classes: int, dist: Distributed):
+    """(dataset, sampler, per-rank batch) of the training list, every file and label map checked first."""
     entries = check_entries(read_list(config.data_root, config.train_list, config.allow_outside_root),
                             config.skip_bad)
-    dataset = SegmentationDataset(entries, num_classes, config.data_root,
-                                  train=True, augment=config.augment, overseg=config.overseg, seed=config.seed,
-                                  skip_bad=config.skip_bad)
+    check_labels(entries, num_classes, config.max_pixels, config.skip_bad, progress=dist.main)
+    dataset = SegmentationDataset(entries, num_classes, config.data_root, train=True, augment=config.augment,
+                                  overseg=config.overseg, seed=config.seed, skip_bad=config.skip_bad,
+                                  max_pixels=config.max_pixels)
     per_rank_batch = max(1, config.optim.batch // dist.world_size)
     if len(dataset) < per_rank_batch * dist.world_size:
         raise ValueError(f"--batch {config.optim.batch}: the training list has only {len(dataset)} images")
-    sampler = EpochSampler(len(dataset), config.seed, dist.rank, dist.world_size)
+    return dataset, EpochSampler(len(dataset), config.seed, dist.rank, dist.world_size), per_rank_batch
+
+
+def initial_state(config: TrainConfig, num_classes: int, device, dist: Distributed) -> TrainingState:
     model = SpmlModel(config, num_classes).to(device)
     if config.pretrained:
         report = load_pretrained(model.embedding, config.pretrained)
         if dist.main:
             print(f"pretrained {config.pretrained}: {len(report['missing'])} missing keys "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected {report['unexpected'][:5]}")
-    optimizer = make_optimizer(model, config)
-    bank = MemoryBank(config.relations.memory_bank)
-    iteration, epoch, position = 0, 0, 0
-    checkpoint_path = os.path.join(out_dir, CHECKPOINT)
-    if resuming:
-        state = load_checkpoint(checkpoint_path)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as error:
-            raise RunError(f"{checkpoint_path} does not match the run's configuration: "
-                           f"{str(error).splitlines()[0]}") from None
-        bank.load_state_dict(state["bank"])
-        iteration, epoch, position = state["iteration"], state["epoch"], state["position"]
-        torch.set_rng_state(state["rng"])
-    elif dist.main:
-        os.makedirs(out_dir, exist_ok=True)
-        write_config(out_dir, config, names)
+    return TrainingState(model, make_optimizer(model, config), MemoryBank(config.relations.memory_bank))
+
+
+def batch_stream(state: TrainingState, dataset, sampler, per_rank_batch: int, config: TrainConfig):
+    """Batches from the state's (epoch, position) on, advancing them as they are consumed."""
+    while True:
+        sampler.set_epoch(state.epoch, state.position)
+        dataset.set_epoch(state.epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
+                                             num_workers=config.workers, collate_fn=collate, drop_last=True,
+                                             persistent_workers=False)
+        for batch in loader:
+            state.position += per_rank_batch
+            if batch is not None:
+                yield batch
+        state.epoch, state.position = state.epoch + 1, 0
+
+
+def train(config: TrainConfig, out_dir: str, resume=False, stop_after: Optional[int] = None,
+          progress: bool = True) -> dict:
+    """Train; returns {"iteration", "checkpoint", "losses"}. ``resume``: False, True or "auto"
+    (``prepare_run_folder``). ``stop_after`` ends the run abruptly after that many iterations without
+    saving (tests use it to stand for a killed run). The run folder is locked while training."""
+    config = absolute_paths(config)
+    with run_lock(out_dir, enabled=int(os.environ.get("RANK", "0")) == 0):
+        resuming = prepare_run_folder(config, out_dir, resume)
+        dist = init_distributed(config.device)
+        device = torch.device(config.device, dist.local_rank) if config.device == "cuda" else torch.device("cpu")
+        names = class_names(config)
+        torch.manual_seed(config.seed)
+        data = training_data(config, len(names), dist)
+        state = initial_state(config, len(names), device, dist)
+        checkpoint_path = os.path.join(out_dir, CHECKPOINT)
+        if resuming:
+            state.load(checkpoint_path)
+            if resume is True and state.iteration >= config.optim.iterations:
+                raise RunError(f"--resume: {out_dir} has finished its {state.iteration} iterations; to train it "
+                               f"longer give --iterations N with N > {state.iteration}")
+        elif dist.main:
+            write_config(out_dir, config, names)
+        return _loop(config, out_dir, state, data, dist, device, len(names), stop_after, progress)
+
+
+def _loop(config: TrainConfig, out_dir: str, state: TrainingState, data, dist: Distributed, device,
+          num_classes: int, stop_after: Optional[int], progress: bool) -> dict:
+    """The training loop from ``state.iteration`` to the configured iterations."""
+    from tqdm import tqdm
+    model = state.model
     wrapped = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if
                                                          config.device == "cuda" else None)
                if dist.world_size > 1 else model)
-    log_path = os.path.join(out_dir, "metrics.jsonl")
-    board = None
-    if dist.main:
-        _truncate_log(log_path, iteration)
-        board = _tensorboard(out_dir, iteration)
-
-    def batches():
-        nonlocal epoch, position
-        while True:
-            sampler.set_epoch(epoch, position)
-            dataset.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, sampler=sampler,
-                                                 num_workers=config.workers, collate_fn=collate, drop_last=True,
-                                                 persistent_workers=False)
-            for batch in loader:
-                position += per_rank_batch
-                if batch is not None:
-                    yield batch
-            epoch, position = epoch + 1, 0
-
-    def state_dict():
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), bank=bank.state_dict(),
-                    iteration=iteration, epoch=epoch, position=position, rng=torch.get_rng_state())
-
-    stream = batches()
-    bar = tqdm(total=config.optim.iterations, initial=iteration, desc=config.preset, unit="it",
+    log = MetricsLog(out_dir, state.iteration, dist.main)
+    checkpoint_path = os.path.join(out_dir, CHECKPOINT)
+    stream = batch_stream(state, *data, config)
+    per_rank_batch = data[2]
+    bar = tqdm(total=config.optim.iterations, initial=state.iteration, desc=config.preset, unit="it",
                disable=not (progress and dist.main))
     wrapped.train()
     last_terms = {}
-    started = time.time()
     try:
-        while iteration < config.optim.iterations:
+        while state.iteration < config.optim.iterations:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(stream).items()}
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, iteration)
-            image_ids = (iteration * dist.world_size + dist.rank) * per_rank_batch + torch.arange(
+            batch["image_ids"] = (state.iteration * dist.world_size + dist.rank) * per_rank_batch + torch.arange(
                 batch["image"].shape[0], device=device)
+            for group in state.optimizer.param_groups:
+                group["lr"] = learning_rate(config, state.iteration)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device == "cuda"):
-                total, terms, local = training_step(wrapped, batch, config, bank, num_classes, image_ids)
-            optimizer.zero_grad(set_to_none=True)
+                total, terms, local = objective.compute(wrapped, batch, state.bank, config, num_classes)
+            last_terms = dict({name: float(value) for name, value in terms.items()}, total=float(total.detach()))
+            if not math.isfinite(last_terms["total"]):
+                raise RunError(_diverged(state.iteration + 1, last_terms, checkpoint_path, out_dir))
+            state.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            optimizer.step()
+            state.optimizer.step()
             if local is not None:
-                bank.push(local)
-            iteration += 1
-            last_terms = dict(terms, total=float(total.detach()))
+                state.bank.push(local)
+            state.iteration += 1
             bar.set_postfix({k: f"{v:.3f}" for k, v in last_terms.items()})
             bar.update()
-            if dist.main and (iteration % config.log_every == 0 or iteration == config.optim.iterations):
-                with open(log_path, "a") as log:
-                    log.write(json.dumps(dict(iteration=iteration, lr=learning_rate(config, iteration - 1),
-                                              seconds=round(time.time() - started, 2), **last_terms)) + "\n")
-                if board is not None:
-                    for name, value in last_terms.items():
-                        board.add_scalar(f"loss/{name}", value, iteration)
-            if stop_after is not None and iteration >= stop_after:
-                return dict(iteration=iteration, checkpoint=None, losses=last_terms)
-            if dist.main and (iteration % config.checkpoint_every == 0 or iteration == config.optim.iterations):
-                save_checkpoint(checkpoint_path, state_dict())
+            log.write(state.iteration, config, last_terms)
+            if stop_after is not None and state.iteration >= stop_after:
+                return dict(iteration=state.iteration, checkpoint=None, losses=last_terms)
+            if dist.main and (state.iteration % config.checkpoint_every == 0 or
+                              state.iteration == config.optim.iterations):
+                save_checkpoint(checkpoint_path, state.state_dict())
     except KeyboardInterrupt:
-        saved = load_checkpoint(checkpoint_path)["iteration"] if os.path.isfile(checkpoint_path) else None
-        where = (f"the last checkpoint ({checkpoint_path}) holds iteration {saved}" if saved is not None
-                 else "no checkpoint was saved yet")
-        raise TrainingInterrupted(f"interrupted at iteration {iteration}; {where}. Continue with: "
-                                  f"spml-fast train --resume --out {out_dir}") from None
+        raise TrainingInterrupted(f"interrupted at iteration {state.iteration}; {_last_checkpoint(checkpoint_path)}. "
+                                  f"Continue with: spml-fast train --resume --out {out_dir}") from None
     finally:
         bar.close()                # before any error message: the bar shares stderr
-    if board is not None:
-        board.close()
-    return dict(iteration=iteration, checkpoint=checkpoint_path, losses=last_terms)
+        log.close()
+    return dict(iteration=state.iteration, checkpoint=checkpoint_path, losses=last_terms)
+
+
+def _last_checkpoint(path: str) -> str:
+    saved = load_checkpoint(path)["iteration"] if os.path.isfile(path) else None
+    return (f"the last checkpoint ({path}) holds iteration {saved}" if saved is not None
+            else "no checkpoint was saved yet")
+
+
+def _diverged(iteration: int, terms: dict, checkpoint_path: str, out_dir: str) -> str:
+    values = ", ".join(f"{name} {value:.4g}" for name, value in terms.items())
+    return (f"the loss is not finite at iteration {iteration} ({values}): training stopped before the update; "
+            f"{_last_checkpoint(checkpoint_path)} and is kept. Lower optim.lr or check the data, then start a new "
+            f"run (or --resume --out {out_dir})")
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON line per logged iteration) and TensorBoard when installed; main rank only."""
+
+    def __init__(self, out_dir: str, iteration: int, enabled: bool):
+        self.path, self.enabled, self.started = os.path.join(out_dir, METRICS), enabled, time.time()
+        self.board = None
+        if enabled:
+            _truncate_log(self.path, iteration)
+            self.board = _tensorboard(out_dir, iteration)
+
+    def write(self, iteration: int, config: TrainConfig, terms: dict) -> None:
+        if not self.enabled or not (iteration % config.log_every == 0 or iteration == config.optim.iterations):
+            return
+        with open(self.path, "a") as log:
+            log.write(json.dumps(dict(iteration=iteration, lr=learning_rate(config, iteration - 1),
+                                      seconds=round(time.time() - self.started, 2), **terms)) + "\n")
+        if self.board is not None:
+            for name, value in terms.items():
+                self.board.add_scalar(f"loss/{name}", value, iteration)
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+            self.board = None
 
 
 def _tensorboard(out_dir: str, iteration: int):

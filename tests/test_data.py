@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage
 
 from spml_fast.data import (DataError, EpochSampler, SegmentationDataset, check_entries, collate, load_image,
-                            read_classes, read_folder, read_list, tags_to_words)
+                            read_classes, read_list, tags_to_words)
 from spml_fast.synth import CLASSES, SynthConfig, make_scene, write_dataset
 
 
@@ -90,19 +90,6 @@ def test_epoch_sampler_resumes_mid_epoch():
     for s in ranks:
         s.set_epoch(0)
     assert sorted(list(ranks[0]) + list(ranks[1])) == list(range(10))
-
-
-def test_folder_reader(tmp_path):
-    (tmp_path / "images").mkdir()
-    (tmp_path / "labels").mkdir()
-    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "a.jpg")
-    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / "b.png")
-    Image.fromarray(np.ones((8, 8), dtype=np.uint8)).save(tmp_path / "labels" / "a.png")
-    entries = read_folder(str(tmp_path))
-    assert [os.path.basename(e.image) for e in entries] == ["a.jpg", "b.png"]
-    assert entries[0].label.endswith("a.png") and entries[1].label is None
-    with pytest.raises(DataError, match="image folder not found"):
-        read_folder(str(tmp_path / "missing"))
 
 
 def _write_list(tmp_path, line):

@@ -21,17 +21,18 @@ def run_cli(capsys, *args):
 
 @pytest.fixture(scope="module")
 def deployable(deploy_run):
-    from spml_fast.export.pipeline import load_deployable
+    from spml_fast.predictor import open_predictor
     _, run, bank = deploy_run
-    return load_deployable(run, bank)
+    return open_predictor(run, bank)
 
 
 def test_every_command_takes_k_and_crf_from_the_run(deploy_run, deployable, tmp_path, capsys):
     from spml_fast.export.onnx_export import read_metadata
+    from spml_fast.predictor import run_settings
     from spml_fast.run import Run
     data, run, bank = deploy_run
     opened = Run.open(run)
-    assert opened.config.eval_k == 10 and deployable.k == 10 and opened.predictor().k == 10
+    assert opened.config.eval_k == 10 and deployable.k == 10 and run_settings(opened).k == 10
     model = str(tmp_path / "m.onnx")
     code, out, err = run_cli(capsys, "export", "--checkpoint", run, "--bank", bank, "--out", model)
     assert code == 0, err
@@ -152,7 +153,7 @@ def test_bad_files_and_settings_are_clean_errors(deploy_run, tmp_path, capsys):
     config["optim"]["learning_rate"] = 1.0
     json.dump(config, open(os.path.join(broken, "config.json"), "w"))
     code, _, err = run_cli(capsys, "eval", "--checkpoint", broken)
-    assert code == 2 and "unknown setting 'learning_rate'" in err
+    assert code == 2 and "unknown setting 'optim.learning_rate'" in err
     image = os.path.join(data, "JPEGImages", "0000.png")
     code, _, err = run_cli(capsys, "predict", "--model", str(tmp_path / "none.onnx"), image, "--out", str(tmp_path))
     assert code == 2 and "none.onnx: no such file" in err

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from spml_fast.config import PRESETS, apply_overrides
 from spml_fast.data import SegmentationDataset, read_list
 from spml_fast.bank import PrototypeBank, labelled_segment_prototypes
-from spml_fast.evaluate import class_scores, confusion_matrix, miou
-from spml_fast.inference import PredictorConfig
+from spml_fast.evaluate import confusion_matrix, miou
+from spml_fast.inference import PredictorConfig, predict_scores
 from spml_fast.synth import CLASSES, SynthConfig, write_dataset
 from spml_fast.train import SpmlModel
 
@@ -51,16 +51,21 @@ def test_bank_labels_are_majorities_of_labelled_pixels(tiny):
         labelled_segment_prototypes(model, empty, 2, 5, len(CLASSES), progress=False)
 
 
+def class_scores_of(model, image, head, settings):
+    """image [3, H, W] -> scores [K, H, W] by the library's predictor."""
+    return predict_scores(model, image[None], head, settings)[0]
+
+
 def test_scores_and_sliding_window(tiny):
     root, config, model = tiny
     bank = PrototypeBank(F.normalize(torch.randn(30, 8), dim=1), torch.randint(0, len(CLASSES), (30,)), CLASSES)
     image = torch.randn(3, 40, 56)
-    direct = class_scores(model, image, bank, PredictorConfig(k=5))
+    direct = class_scores_of(model, image, bank, PredictorConfig(k=5))
     assert direct.shape == (len(CLASSES), 40, 56)
     torch.testing.assert_close(direct.sum(0), torch.ones(40, 56))        # vote shares sum to 1
-    whole = class_scores(model, image, bank, PredictorConfig(k=5, window=64))  # window larger than the image
+    whole = class_scores_of(model, image, bank, PredictorConfig(k=5, window=64))  # window larger than the image
     torch.testing.assert_close(whole, direct)
-    windowed = class_scores(model, image, bank, PredictorConfig(k=5, window=24))
+    windowed = class_scores_of(model, image, bank, PredictorConfig(k=5, window=24))
     assert windowed.shape == direct.shape and (windowed.sum(0) >= 1 - 1e-5).all()   # every pixel covered
 
 
@@ -68,5 +73,5 @@ def test_pce_model_scores_are_softmax(tiny):
     root, config, _ = tiny
     pce = SpmlModel(apply_overrides(config, {"objective.relations": 0.0, "objective.partial_ce": 1.0}),
                     len(CLASSES)).eval()
-    scores = class_scores(pce, torch.randn(3, 32, 32), pce.classifier, PredictorConfig(method="classifier"))
+    scores = class_scores_of(pce, torch.randn(3, 32, 32), pce.classifier, PredictorConfig(method="classifier"))
     torch.testing.assert_close(scores.sum(0), torch.ones(32, 32))

@@ -14,7 +14,8 @@ import torch
 from spml_fast.bank import add_class, load_bank
 from spml_fast.export.onnx_export import ExportConfig, read_metadata, unsupported_ops
 from spml_fast.export.parity import ParityError, check_parity, compare
-from spml_fast.export.pipeline import export_run, load_deployable
+from spml_fast.export.pipeline import export_run
+from spml_fast.predictor import open_predictor
 from spml_fast.runtime import ProviderFallbackError, Segmenter, make_session
 
 SHAPES = ((1, 56, 72), (2, 45, 61))            # none is the export shape (2, 128, 160)
@@ -23,7 +24,7 @@ SHAPES = ((1, 56, 72), (2, 45, 61))            # none is the export shape (2, 12
 @pytest.fixture(scope="module")
 def deployable(deploy_run):
     _, run, bank = deploy_run
-    return load_deployable(run, bank)
+    return open_predictor(run, bank)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_bank_as_input_swaps_banks_without_reexport(deployable, deploy_run, tmp_
     before = Segmenter(path, providers="cpu", bank=bank).predict([image])[0]
     # a new class whose prototypes are this image's own embeddings: it must win pixels
     from spml_fast.export.parity import to_normalised
-    embedding = deployable.embedding_net(to_normalised(image[None].transpose(0, 3, 1, 2) / 255.0, False))
+    embedding = deployable.network(to_normalised(image[None].transpose(0, 3, 1, 2) / 255.0, False))
     own = embedding[0].flatten(1).t().detach()
     extended = add_class(bank, "novel", own, torch.ones(own.shape[0], dtype=torch.int64))
     after = Segmenter(path, providers="cpu", bank=extended).predict([image])[0]

@@ -90,7 +90,7 @@ def test_classifier_head_fits_separable_embeddings_and_round_trips(tmp_path):
     assert accuracy > 0.95
     path = str(tmp_path / "head.safetensors")
     save_classifier(head, NAMES, path)
-    loaded, names = load_classifier(path)
+    loaded, names, _ = load_classifier(path)
     assert names == NAMES
     embedding = features[:4].t().reshape(1, 8, 2, 2)
     scores = embedding_scores(embedding, loaded, PredictorConfig(method="classifier"))

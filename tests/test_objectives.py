@@ -166,7 +166,8 @@ def test_objective_validation():
 def test_training_step_sums_the_weighted_terms(preset, terms):
     from spml_fast.config import PRESETS, apply_overrides
     from spml_fast.relations import MemoryBank
-    from spml_fast.train import SpmlModel, training_step
+    from spml_fast.objective import compute
+    from spml_fast.train import SpmlModel
     config = apply_overrides(PRESETS[preset], {"model.width": 8, "model.embedding_dim": 8, "kmeans_grid": 2})
     torch.manual_seed(0)
     model = SpmlModel(config, 4)
@@ -175,8 +176,9 @@ def test_training_step_sums_the_weighted_terms(preset, terms):
     batch = dict(image=torch.randn(2, 3, 32, 32), label=label,
                  overseg=(torch.arange(32)[None, :, None] // 8 * 4 + torch.arange(32)[None, None, :] // 8).expand(
                      2, -1, -1).clone(),
-                 valid=torch.ones(2, 32, 32, dtype=torch.bool), tags=torch.tensor([[0b110], [0b100]]))
-    total, values, _ = training_step(model, batch, config, MemoryBank(0), 4, torch.arange(2))
+                 valid=torch.ones(2, 32, 32, dtype=torch.bool), tags=torch.tensor([[0b110], [0b100]]),
+                 image_ids=torch.arange(2))
+    total, values, _ = compute(model, batch, MemoryBank(0), config, 4)
     assert set(values) == terms
     objective = config.objective
     expected = sum(getattr(objective, name) * values[name] for name in ("partial_ce", "tree_energy",

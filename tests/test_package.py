@@ -43,6 +43,53 @@ def test_subpackages_import_from_their_folders():
     assert callable(spml_fast.pixel_segment_loss)
 
 
+def _module_imports() -> dict:
+    """module -> the package modules it imports at module level (relative or spml_fast.*), from the source."""
+    import ast
+    graph = {}
+    for folder, package in (("spml_fast", "spml_fast"), ("export", "spml_fast.export"),
+                            ("triton_kernels", "spml_fast.triton_kernels"), ("benchmarks", "spml_fast.benchmarks")):
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts))
+            is_package = path.name == "__init__.py"
+            name = name[: -len(".__init__")] if is_package else name
+            here = name if is_package else name.rsplit(".", 1)[0]
+            imports = set()
+            for node in ast.parse(path.read_text()).body:            # module level only: lazy imports do not cycle
+                if isinstance(node, ast.ImportFrom):
+                    if node.level:
+                        base = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1])
+                        target = f"{base}.{node.module}" if node.module else base
+                        names = [f"{target}.{alias.name}" for alias in node.names] if not node.module else [target]
+                        imports.update(names)
+                    elif node.module and node.module.startswith("spml_fast"):
+                        imports.add(node.module)
+            graph[name] = imports
+    return {name: {i for i in imports if i in graph and i != name} for name, imports in graph.items()}
+
+
+def test_no_import_cycle_in_the_package():
+    """The predictor once closed run -> inference -> bank -> run; no module may import itself back."""
+    graph = _module_imports()
+    assert {"spml_fast.run", "spml_fast.predictor", "spml_fast.bank"} <= set(graph)
+    state = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for child in sorted(graph[name]):
+            if state.get(child) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(path + [child]))
+            if child not in state:
+                visit(child, path + [child])
+        state[name] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    run_source = (ROOT / "spml_fast" / "run.py").read_text()
+    assert "from .inference" not in run_source and "from .bank" not in run_source
+
+
 def test_cli_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "spml_fast", "--help"], capture_output=True, text=True, check=True)
     for command in ("bench", "demo", "bank", "export", "predict", "train-classifier"):

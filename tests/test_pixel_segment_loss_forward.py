@@ -37,7 +37,7 @@ def test_single_segment_gives_zero_loss(backend):
     # M = 1: every pixel's own segment is the only one, S- is empty -> L = 0, but pixels still count.
     problem = make_problem(40, 1, unlabelled=0.0, device=device_for(backend))
     problem.segment.zero_()
-    loss = pixel_segment_loss(*problem.args(), backend=backend, reduction="none")
+    loss = pixel_segment_loss(*problem.args(), kappa=10.0, backend=backend, reduction="none")
     assert torch.equal(loss, torch.zeros_like(loss))
 
 
@@ -70,14 +70,14 @@ def test_own_segment_rule(backend):
 @pytest.mark.parametrize("backend", backend_params())
 def test_unlabelled_pixels_do_not_count(backend):
     problem = make_problem(unlabelled=0.5, device=device_for(backend))
-    per_pixel = pixel_segment_loss(*problem.args(), backend=backend, reduction="none")
+    per_pixel = pixel_segment_loss(*problem.args(), kappa=10.0, backend=backend, reduction="none")
     unlabelled = problem.pixel_labels < 0
     assert unlabelled.any() and torch.equal(per_pixel[unlabelled], torch.zeros_like(per_pixel[unlabelled]))
-    mean = pixel_segment_loss(*problem.args(), backend=backend)
+    mean = pixel_segment_loss(*problem.args(), kappa=10.0, backend=backend)
     torch.testing.assert_close(mean, per_pixel.sum() / (~unlabelled).sum())
     # no labelled pixel at all: the mean is 0, not NaN
     problem.pixel_labels.fill_(-1)
-    assert float(pixel_segment_loss(*problem.args(), backend=backend)) == 0.0
+    assert float(pixel_segment_loss(*problem.args(), kappa=10.0, backend=backend)) == 0.0
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -131,8 +131,8 @@ def test_large_kappa_unnormalised_is_finite(backend):
 @NEEDS_TRITON
 def test_triton_and_torch_paths_agree():
     problem = make_problem(130, 70, mode="set+groups", device=device_for("triton"))
-    a = pixel_segment_loss(*problem.args(), backend="triton", reduction="none", **problem.groups)
-    b = pixel_segment_loss(*problem.args(), backend="torch", reduction="none", **problem.groups)
+    a = pixel_segment_loss(*problem.args(), backend="triton", reduction="none", **problem.groups, kappa=10.0)
+    b = pixel_segment_loss(*problem.args(), backend="torch", reduction="none", **problem.groups, kappa=10.0)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -183,14 +183,14 @@ def test_no_segment_takes_part_gives_zero(backend):
     problem = make_problem(30, 9, device=device, unlabelled=0.0)
     unlabelled = torch.full_like(problem.prototype_labels, -1)
     loss = pixel_segment_loss(problem.embeddings, problem.prototypes, problem.segment, problem.pixel_labels,
-                              unlabelled, backend=backend)
+                              unlabelled, backend=backend, kappa=10.0)
     assert float(loss) == 0.0
     pixel_groups = torch.zeros(30, dtype=torch.int64, device=device)
     other_groups = torch.ones(9, dtype=torch.int64, device=device)
     loss = pixel_segment_loss(*problem.args(), pixel_groups=pixel_groups, prototype_groups=other_groups,
-                              backend=backend, reduction="none")
+                              backend=backend, reduction="none", kappa=10.0)
     expected = pixel_segment_loss_dense(*problem.args(), pixel_groups=pixel_groups, prototype_groups=other_groups,
-                                        reduction="none")
+                                        reduction="none", kappa=10.0)
     torch.testing.assert_close(loss, expected)
 
 
@@ -202,8 +202,10 @@ def test_nan_in_an_unlabelled_pixel_is_ignored(backend):
     embeddings = problem.embeddings.clone()
     embeddings[5] = float("nan")
     embeddings.requires_grad_()
-    loss = pixel_segment_loss(embeddings, problem.prototypes, *problem.args()[2:], backend=backend)
-    expected = pixel_segment_loss(problem.embeddings, problem.prototypes, *problem.args()[2:], backend=backend)
+    loss = pixel_segment_loss(embeddings, problem.prototypes, *problem.args()[2:], backend=backend,
+                                  kappa=10.0)
+    expected = pixel_segment_loss(problem.embeddings, problem.prototypes, *problem.args()[2:], backend=backend,
+                                  kappa=10.0)
     assert torch.isfinite(loss)
     torch.testing.assert_close(loss, expected)
     loss.backward()

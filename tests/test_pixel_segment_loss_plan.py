@@ -141,7 +141,7 @@ def test_underflowing_set_is_recomputed_exactly(monkeypatch):
     pixel_labels = torch.zeros(20, dtype=torch.int64)
     segment = torch.zeros(20, dtype=torch.int64)
     args = [t.to(device) for t in (embeddings, prototypes, segment, pixel_labels, prototype_labels)]
-    module = importlib.import_module("spml_fast.ops.pixel_segment_loss")
+    module = importlib.import_module("spml_fast.ops.pixel_segment_triton")
     recomputed = []
     exact = module._exact_set_lse
     monkeypatch.setattr(module, "_exact_set_lse", lambda *a: recomputed.append(a[-1].numel()) or exact(*a))

@@ -2,8 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from spml_fast.relations import (MemoryBank, RelationConfig, affinity_sets, relation_losses,
-                                 weighted_total)
+from spml_fast.relations import MemoryBank, RelationConfig, affinity_sets, relation_losses
 from spml_fast.segments import make_segments, pool_labels
 
 
@@ -51,7 +50,7 @@ def test_relations_and_memory_bank():
     losses, local = relation_losses(segments, bank, config, 4, torch.arange(2))
     assert set(losses) == {"I", "C", "O", "A"} and all(torch.isfinite(v) and v >= 0 for v in losses.values())
     assert losses["I"] > 0 and losses["C"] > 0 and losses["O"] > 0
-    weighted_total(losses, config).backward()
+    sum(config.weights()[name] * value for name, value in losses.items()).backward()
     assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
     for step in range(3):
         bank.push(local)

@@ -111,12 +111,14 @@ def test_run_folder_rules(tiny_root, tmp_path):
     before = open(os.path.join(run, "checkpoint.pt"), "rb").read()
     with pytest.raises(RunError, match="already holds a run"):
         train(config, run, progress=False)
-    with pytest.raises(RunError, match="optim.iterations"):
-        train(apply_overrides(config, {"optim.iterations": 5}), run, resume=True, progress=False)
+    with pytest.raises(RunError, match="optim.lr"):
+        train(apply_overrides(config, {"optim.lr": 0.5}), run, resume=True, progress=False)
+    with pytest.raises(RunError, match="finished its 2 iterations"):
+        train(config, run, resume=True, progress=False)
     assert open(os.path.join(run, "checkpoint.pt"), "rb").read() == before           # nothing was rewritten
     cli = [sys.executable, "-m", "spml_fast", "train"]
-    done = subprocess.run(cli + ["--resume", "--out", run, "--iterations", "50"], capture_output=True, text=True)
-    assert done.returncode == 2 and "optim.iterations" in done.stderr
+    done = subprocess.run(cli + ["--resume", "--out", run, "--batch", "3"], capture_output=True, text=True)
+    assert done.returncode == 2 and "optim.batch" in done.stderr
     done = subprocess.run(cli + ["--resume", "--out", run, "--preset", "synthetic-scribble-pce"],
                           capture_output=True, text=True)
     assert done.returncode == 2 and "synthetic-scribble-pce" in done.stderr
@@ -186,16 +188,16 @@ def test_failed_checkpoint_write_keeps_the_previous(tiny_root, tmp_path, monkeyp
 
 
 def test_ctrl_c_says_where_the_checkpoint_is(tiny_root, tmp_path, monkeypatch):
-    import spml_fast.train as train_module
+    import spml_fast.objective as objective_module
     from spml_fast.train import TrainingInterrupted
-    real_step, calls = train_module.training_step, []
+    real_step, calls = objective_module.compute, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "training_step", interrupted)
+    monkeypatch.setattr(objective_module, "compute", interrupted)
     run = str(tmp_path / "run")
     with pytest.raises(TrainingInterrupted) as caught:
         train(tiny_config(tiny_root), run, progress=False)

@@ -8,7 +8,7 @@ from spml_fast import pixel_segment_loss
 
 def call(problem, **overrides):
     args = dict(embeddings=problem.embeddings, prototypes=problem.prototypes, segment=problem.segment,
-                pixel_labels=problem.pixel_labels, prototype_labels=problem.prototype_labels)
+                pixel_labels=problem.pixel_labels, prototype_labels=problem.prototype_labels, kappa=10.0)
     args.update(overrides)
     return pixel_segment_loss(**args)
 

@@ -1,7 +1,7 @@
 """Top-k nearest prototypes by cosine similarity, without an N x M tensor.
 
 Used for the k-means E-step (k = 1), k-NN inference against a prototype bank
-(k = 20) and the feature-affinity relation (top-k within an image). Not
+(a run's k) and the feature-affinity relation (top-k within an image). Not
 differentiable (it returns indices and similarity values for voting).
 """
 from __future__ import annotations

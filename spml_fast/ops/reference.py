@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from .membership import membership, participating_pixels, reduce_pixel_losses
 
 
-def pixel_segment_loss_dense(embeddings, prototypes, segment, pixel_labels, prototype_labels, kappa=10.0,
+def pixel_segment_loss_dense(embeddings, prototypes, segment, pixel_labels, prototype_labels, kappa,
                              pixel_groups=None, prototype_groups=None, reduction="mean") -> torch.Tensor:
     """docs/method.md, the loss written out densely: embeddings [N, D], prototypes [M, D] -> loss (float32)."""
     logits = kappa * embeddings.float() @ prototypes.float().t()                  # [N, M]

@@ -21,10 +21,4 @@ class TileConfig:
         return max(1, min(num_pixels, max(self.min_chunk, self.chunk_bytes // (4 * num_prototypes))))
 
 
-PRESETS = {
-    "default": TileConfig(),
-    "low-memory": TileConfig(chunk_bytes=1 << 20),
-    "throughput": TileConfig(chunk_bytes=16 << 20),
-}
-
-DEFAULT = PRESETS["default"]
+DEFAULT = TileConfig()
