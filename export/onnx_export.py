@@ -7,7 +7,9 @@ names, input layout, k, whether the bank is an input, mean/std.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -90,6 +92,19 @@ def _dynamic_axes(config: ExportConfig):
     return axes
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's registration logs one "torchvision is not installed" line per torchvision op on every
+    export; torchvision is not a dependency (the graph has none of its ops), so those lines say nothing."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_onnx(graph: SegmenterGraph, path: str, config: ExportConfig, metadata: dict,
                 bank=None) -> str:
     """Write ``graph`` to ``path`` atomically; returns the exporter used ("dynamo" or "torchscript")."""
@@ -99,7 +114,7 @@ def export_onnx(graph: SegmenterGraph, path: str, config: ExportConfig, metadata
     inputs = sample_inputs(config, config.sample_height, config.sample_width, 2, bank)
     input_names = list(INPUT_NAMES[:len(inputs)])
     exporter = "dynamo"
-    with atomic_path(path) as temp, warnings.catch_warnings():
+    with atomic_path(path) as temp, warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(graph, inputs, temp, dynamo=True, input_names=input_names,
