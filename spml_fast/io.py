@@ -12,6 +12,7 @@ repository): the old one stays until the new one is complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -139,3 +140,12 @@ def save_text(path: str, text: str) -> None:
     with atomic_path(path) as temp:
         with open(temp, "w") as out:
             out.write(text)
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,6 +1,8 @@
-"""The embedding network (docs/method.md, embedding network): a dilated ResNet with output stride 8, an
-ASPP head (rates 6/12/18/24) to D channels, x2 upsampling to stride 4, and L2
-normalisation over channels; plus a small backbone fit for CPU training.
+"""The embedding network (docs/method.md, embedding network): an encoder by name and a decoder apart,
+then L2 normalisation over channels, at stride 4. The paper's: a dilated ResNet with output stride 8
+and the DeepLab-v2 ASPP head (rates 6/12/18/24), x2 upsampling; a small backbone fit for CPU training
+with the same head; and ImageNet encoders (MobileNetV2, EfficientNet-Lite0: ``encoders``) with
+DeepLabV3+ (``decoders``).
 
 The ResNet is written here with torchvision's parameter names
 (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so a
@@ -17,6 +19,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .decoders import ASPPv2, DeepLabV3Plus
+from .encoders import EfficientNetLite0Encoder, MobileNetV2Encoder
 
 
 class Bottleneck(nn.Module):
@@ -96,42 +101,66 @@ class SmallBackbone(nn.Module):
         return self.features(images)
 
 
-class ASPP(nn.Module):
-    """DeepLab-v2 atrous spatial pyramid pooling: parallel 3x3 convolutions, summed."""
-
-    def __init__(self, in_channels: int, out_channels: int, rates=(6, 12, 18, 24)):
-        super().__init__()
-        self.branches = nn.ModuleList(nn.Conv2d(in_channels, out_channels, 3, padding=r, dilation=r)
-                                      for r in rates)
-
-    def forward(self, x):
-        return sum(branch(x) for branch in self.branches)
+ENCODERS = ("small", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_lite0")
+DECODERS = ("aspp", "deeplabv3+")
+IMAGENET_ENCODERS = {"mobilenet_v2": MobileNetV2Encoder, "efficientnet_lite0": EfficientNetLite0Encoder}
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "small"          # "small" | "resnet50" | "resnet101"
+    backbone: str = "small"          # the encoder (ENCODERS)
+    decoder: str = "aspp"            # "aspp": DeepLab-v2 (small, ResNets); "deeplabv3+": stride-4 skip (ImageNet encoders)
     embedding_dim: int = 64          # D
     width: int = 32                  # small backbone width
     aspp_rates: tuple = (6, 12, 18, 24)
+    decoder_channels: int = 128      # deeplabv3+: ASPP and fusion width
+    freeze_backbone_bn: bool = False  # keep the encoder's BatchNorm statistics (a pretrained encoder, small batches)
+
+    def __post_init__(self):
+        if self.backbone not in ENCODERS:
+            raise ValueError(f"model.backbone must be one of {', '.join(ENCODERS)}, got {self.backbone!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"model.decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if (self.decoder == "deeplabv3+") != (self.backbone in IMAGENET_ENCODERS):
+            raise ValueError(f"model.decoder {self.decoder!r} does not fit model.backbone {self.backbone!r}: "
+                             f"deeplabv3+ goes with {', '.join(IMAGENET_ENCODERS)}, aspp with small and the ResNets")
+        if self.embedding_dim < 2:
+            raise ValueError(f"model.embedding_dim must be >= 2, got {self.embedding_dim}")
 
 
 class EmbeddingNet(nn.Module):
-    """images [B, 3, H, W] float -> unit embeddings [B, D, ceil(H/4), ceil(W/4)] float32."""
+    """images [B, 3, H, W] float -> unit embeddings [B, D, ceil(H/4), ceil(W/4)] float32.
+
+    An encoder by name (``backbone``) and a decoder apart (``decoder``/``aspp``), as
+    segmentation_models_pytorch composes them."""
 
     def __init__(self, config: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = config
-        if config.backbone == "small":
-            self.backbone = SmallBackbone(config.width)
-            rates = tuple(max(1, r // 6) for r in config.aspp_rates)   # 1/2/3/4: the small maps are small
-        elif config.backbone in ("resnet50", "resnet101"):
-            self.backbone = DilatedResNet(int(config.backbone[6:]))
-            rates = config.aspp_rates
+        if config.backbone in IMAGENET_ENCODERS:
+            self.backbone = IMAGENET_ENCODERS[config.backbone]()
+            self.decoder = DeepLabV3Plus(self.backbone.skip_channels, self.backbone.out_channels,
+                                         config.embedding_dim, config.decoder_channels)
         else:
-            raise ValueError(f"backbone must be small, resnet50 or resnet101, got {config.backbone!r}")
-        self.aspp = ASPP(self.backbone.out_channels, config.embedding_dim, rates)
+            if config.backbone == "small":
+                self.backbone = SmallBackbone(config.width)
+                rates = tuple(max(1, r // 6) for r in config.aspp_rates)   # 1/2/3/4: the small maps are small
+            else:
+                self.backbone = DilatedResNet(int(config.backbone[6:]))
+                rates = config.aspp_rates
+            self.aspp = ASPPv2(self.backbone.out_channels, config.embedding_dim, rates)
         self.checkpoint_backbone = False
+
+    def train(self, mode: bool = True):
+        """With ``freeze_backbone_bn`` the encoder's BatchNorm layers stay in eval mode: they normalise with
+        the statistics they were pretrained with (a batch of 8 crops estimates them poorly); their affine
+        parameters still train."""
+        super().train(mode)
+        if mode and self.config.freeze_backbone_bn:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_backbone and self.training:
@@ -139,30 +168,48 @@ class EmbeddingNet(nn.Module):
             features = checkpoint(self.backbone, images, use_reentrant=False)
         else:
             features = self.backbone(images)
-        embedding = self.aspp(features)
-        embedding = F.interpolate(embedding, scale_factor=2, mode="bilinear", align_corners=False)
+        if self.config.decoder == "deeplabv3+":
+            embedding = self.decoder(features)
+        else:
+            embedding = F.interpolate(self.aspp(features), scale_factor=2, mode="bilinear", align_corners=False)
         return F.normalize(embedding.float(), dim=1)
 
 
+PREFIXES = ("module.", "backbone.", "resnet.", "encoder.")
+
+
 def load_pretrained(model: EmbeddingNet, path: str) -> dict:
-    """Load a local ImageNet state dict (torchvision names, optionally prefixed by
-    ``module.``/``backbone.``/``resnet.``; fc weights ignored) into the backbone.
-    Returns {"missing": [...], "unexpected": [...]}."""
+    """Load a local ImageNet state dict into the encoder: torchvision's names for the ResNets and
+    MobileNetV2, the Lite weights' names for EfficientNet-Lite0, optionally prefixed by ``module.``,
+    ``backbone.``, ``resnet.`` or ``encoder.``; the ImageNet classifier's keys are dropped. ``path``: a
+    file, or a weights NAME fetched into the cache (``weights``). Returns {"missing": [...],
+    "unexpected": [...], "loaded": count}; loading nothing is an error (another network's weights)."""
+    from .weights import resolve
+    path = resolve(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # missing file, not a zip/pickle, unsafe content: all "cannot read"
         raise ValueError(f"--pretrained {path}: cannot read a state dict ({type(error).__name__}: {error})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"--pretrained {path}: not a state dict")
+    ignored = ("fc.",) + getattr(type(model.backbone), "IGNORED", ())
     cleaned = {}
     for key, value in state.items():
-        for prefix in ("module.", "backbone.", "resnet."):
+        for prefix in PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix):]
-        if not key.startswith("fc."):
+        if not key.startswith(ignored):
             cleaned[key] = value
-    result = model.backbone.load_state_dict(cleaned, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys)}
+    expected = model.backbone.state_dict()
+    shaped = {k: v for k, v in cleaned.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)}
+    if not shaped:
+        raise ValueError(f"--pretrained {path}: none of its {len(cleaned)} tensors fits the {model.config.backbone} "
+                         "encoder (weights of another network?)")
+    result = model.backbone.load_state_dict(shaped, strict=False)
+    unexpected = sorted(set(cleaned) - set(shaped))
+    return {"missing": list(result.missing_keys), "unexpected": unexpected, "loaded": len(shaped)}
 
 
 class LinearClassifier(nn.Module):

@@ -63,9 +63,22 @@ FAMILIES = {
                     scribble_width=1, scribble_per_class=True, shading=0.0, scribble_margin=0.0),
         note="random colour; one 3-px straight line per class anywhere inside"),
     "points": Family(SynthConfig(), train_list="train_point.txt", note="one dilated point per object"),
+    # the same data with every pixel labelled: how far partial labels are from the network's ceiling
+    "built-in, full masks": Family(SynthConfig(), train_list="train_full.txt", note="ceiling of the built-in row"),
+    "texture, random colour, full masks": Family(
+        SynthConfig(cue="texture", shading=0.0, scribble_margin=0.0, scribble_width=1), train_list="train_full.txt",
+        note="ceiling of the texture row"),
+    "texture+shape, 60 images, lines, full masks": Family(
+        SynthConfig(cue="texture+shape", classes=3, max_objects=3, train_images=60, val_images=20, stroke="line",
+                    scribble_width=1, scribble_per_class=True, shading=0.0, scribble_margin=0.0),
+        train_list="train_full.txt", note="ceiling of the texture+shape row"),
     "boxes (box-fill)": Family(SynthConfig(), train_list="train_boxfill.txt",
                                note="box-fill pseudo-labels: inside a box its class"),
 }
+
+
+CEILINGS = tuple(name for name in FAMILIES if name.endswith("full masks"))
+ENCODERS = ("small", "mobilenet_v2")          # small: the CPU network from scratch; else ImageNet weights
 
 
 @dataclass(frozen=True)
@@ -73,14 +86,16 @@ class SuiteConfig:
     iterations: int = 400
     seeds: tuple = (0, 1)
     jobs: int = 2
-    families: tuple = tuple(FAMILIES)
+    families: tuple = tuple(name for name in FAMILIES if name not in CEILINGS)
     objectives: tuple = tuple(OBJECTIVES)
     scale: float = 1.0          # multiplies every family's image counts (quick runs and tests)
+    backbone: str = "small"     # the encoder every cell trains (ENCODERS)
 
 
 # About an hour on 2 CPU cores: half the iterations, without the 500-image and the longer-trained families.
 QUICK = SuiteConfig(iterations=200, families=tuple(name for name, family in FAMILIES.items()
-                                                   if name != "built-in, 500 images" and family.budget == 1))
+                                                   if name != "built-in, 500 images" and family.budget == 1
+                                                   and name not in CEILINGS))
 
 
 def slug(name: str) -> str:
@@ -106,6 +121,7 @@ class Job:
     run_dir: str
     train_list: str
     iterations: int
+    backbone: str = "small"
 
 
 def one_thread() -> None:
@@ -129,7 +145,7 @@ def finished_cell(run_dir: str) -> Optional[dict]:
 
 def run_job(job: Job) -> dict:
     """Train one cell (resumable) and evaluate it with and without the CRF; cached in result.json."""
-    from .config import PRESETS, apply_overrides
+    from .config import PRESETS, apply_overrides, on_pretrained_encoder
     from .evaluate import evaluate
     from .predictor import open_predictor
     from .io import save_json
@@ -137,13 +153,16 @@ def run_job(job: Job) -> dict:
     cached = finished_cell(job.run_dir)
     if cached is not None:
         return cached
-    config = apply_overrides(PRESETS[OBJECTIVES[job.objective]], {
+    preset = PRESETS[OBJECTIVES[job.objective]]
+    if job.backbone != "small":
+        preset = on_pretrained_encoder(preset, job.backbone)
+    config = apply_overrides(preset, {
         "data_root": job.data, "train_list": job.train_list, "seed": job.seed, "workers": 0,
         "optim.iterations": job.iterations, "checkpoint_every": max(50, job.iterations // 4)})
     train(config, job.run_dir, resume="auto", progress=False)
     predictor = open_predictor(job.run_dir, build_bank=True, progress=False)
     val = predictor.run.dataset(data_root=job.data)
-    result = dict(family=job.family, objective=job.objective, seed=job.seed)
+    result = dict(family=job.family, objective=job.objective, seed=job.seed, backbone=job.backbone)
     for key, crf in (("plain", False), ("crf", True)):
         scores = evaluate(predictor.with_settings(crf=crf), val, progress=False)
         result[key] = scores["mIoU"]
@@ -155,13 +174,17 @@ def run_job(job: Job) -> dict:
 def _check_names(config: SuiteConfig) -> None:
     unknown = [name for name in config.families if name not in FAMILIES]
     unknown += [name for name in config.objectives if name not in OBJECTIVES]
+    if config.backbone not in ENCODERS:
+        unknown.append(config.backbone)
     if unknown:
-        raise ValueError(f"robustness suite: unknown families/objectives {unknown}; families: "
+        raise ValueError(f"robustness suite: unknown families/objectives/backbone {unknown}; backbones: "
+                         f"{', '.join(ENCODERS)}; families: "
                          f"{'; '.join(FAMILIES)}; objectives: {', '.join(OBJECTIVES)}")
 
 
-def cell_dir(out: str, family: str, objective: str, seed: int) -> str:
-    return os.path.join(out, "runs", slug(family), f"{objective}-s{seed}")
+def cell_dir(out: str, family: str, objective: str, seed: int, backbone: str = "small") -> str:
+    folder = os.path.join(out, "runs", slug(family))
+    return os.path.join(folder if backbone == "small" else os.path.join(folder, backbone), f"{objective}-s{seed}")
 
 
 def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = True) -> dict:
@@ -177,8 +200,8 @@ def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = Tr
         write_dataset(data, family_scenes(family, config.scale), progress=False)
         for objective in config.objectives:
             for seed in config.seeds:
-                jobs.append(Job(name, objective, seed, data, cell_dir(out, name, objective, seed),
-                                family.train_list, family_iterations(family, config)))
+                jobs.append(Job(name, objective, seed, data, cell_dir(out, name, objective, seed, config.backbone),
+                                family.train_list, family_iterations(family, config), config.backbone))
     with tqdm(total=len(jobs), desc="robustness", unit="run", disable=not progress) as bar:
         if config.jobs <= 1:
             for job in jobs:
@@ -200,10 +223,11 @@ def write_report(out: str, config: SuiteConfig = SuiteConfig()) -> dict:
     for name in config.families:
         for objective in config.objectives:
             for seed in config.seeds:
-                cached = finished_cell(cell_dir(out, name, objective, seed))
+                cached = finished_cell(cell_dir(out, name, objective, seed, config.backbone))
                 if cached is not None:
                     results.append(cached)
-    report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale),
+    report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale,
+                              backbone=config.backbone),
                   families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
                                        iterations=family_iterations(FAMILIES[name], config),
                                        scenes=vars(family_scenes(FAMILIES[name], config.scale)))

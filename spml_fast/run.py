@@ -15,7 +15,6 @@ mismatched files are errors naming the file.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from typing import Optional
 import torch
 
 from .config import TrainConfig, from_dict, to_dict
-from .io import atomic_path, save_json
+from .io import atomic_path, file_sha256, save_json
 from .models import EmbeddingNet, LinearClassifier
 
 CHECKPOINT = "checkpoint.pt"
@@ -135,14 +134,6 @@ def refuse_run_file(path: str, option: str = "--out") -> None:
     folder, name = os.path.split(os.path.realpath(path))
     if name in RUN_FILES and is_run_folder(folder):
         raise ValueError(f"{option} {path}: that is the run's own {name} in {folder}; write elsewhere")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -37,6 +37,11 @@ class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the message says where the last checkpoint is and how to resume."""
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: TrainConfig, iteration: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, iteration) * group.get("lr_scale", 1.0)
+
+
 def learning_rate(config: TrainConfig, iteration: int) -> float:
     """Linear warm-up over ``optim.warmup`` iterations (at most a tenth of the run), then poly decay."""
     optim = config.optim
@@ -84,10 +89,16 @@ def class_names(config: TrainConfig) -> list[str]:
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:
-    """data_root and the pretrained file as absolute paths: a run folder is usable from anywhere."""
+    """data_root and the pretrained file as absolute paths (a weights NAME stays a name): a run folder is
+    usable from anywhere."""
     from dataclasses import replace
+
+    from .weights import SOURCES
+    pretrained = config.pretrained
+    if pretrained and pretrained not in SOURCES:
+        pretrained = os.path.abspath(pretrained)
     return replace(config, data_root=os.path.abspath(config.data_root) if config.data_root else "",
-                   pretrained=os.path.abspath(config.pretrained) if config.pretrained else "")
+                   pretrained=pretrained)
 
 
 def prepare_run_folder(config: TrainConfig, out_dir: str, resume) -> bool:
@@ -111,11 +122,18 @@ def prepare_run_folder(config: TrainConfig, out_dir: str, resume) -> bool:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD; with ``optim.backbone_lr`` != 1 the encoder is a group of its own whose learning rate
+    is scaled by it (``set_learning_rate``)."""
     optim = config.optim
+    if optim.backbone_lr != 1.0:
+        encoder = set(id(p) for p in model.embedding.backbone.parameters())
+        parameters = [dict(params=[p for p in model.parameters() if id(p) in encoder], lr_scale=optim.backbone_lr),
+                      dict(params=[p for p in model.parameters() if id(p) not in encoder], lr_scale=1.0)]
+    else:
+        parameters = list(model.parameters())
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=optim.lr, momentum=optim.momentum,
-                           weight_decay=optim.weight_decay)
+        return torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
+    return torch.optim.SGD(parameters, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
 
 
 @dataclass
@@ -158,12 +176,14 @@ def training_data(config: TrainConfig, num_classes: int, dist: Distributed):
     return dataset, EpochSampler(len(dataset), config.seed, dist.rank, dist.world_size), per_rank_batch
 
 
-def initial_state(config: TrainConfig, num_classes: int, device, dist: Distributed) -> TrainingState:
+def initial_state(config: TrainConfig, num_classes: int, device, dist: Distributed,
+                  load_weights: bool = True) -> TrainingState:
+    """A new model (the encoder's ImageNet weights loaded unless a checkpoint will replace them)."""
     model = SpmlModel(config, num_classes).to(device)
-    if config.pretrained:
+    if config.pretrained and load_weights:
         report = load_pretrained(model.embedding, config.pretrained)
         if dist.main:
-            print(f"pretrained {config.pretrained}: {len(report['missing'])} missing keys "
+            print(f"pretrained {config.pretrained}: {report['loaded']} tensors loaded, {len(report['missing'])} missing keys "
                   f"{report['missing'][:5]}, {len(report['unexpected'])} unexpected {report['unexpected'][:5]}")
     return TrainingState(model, make_optimizer(model, config), MemoryBank(config.relations.memory_bank))
 
@@ -196,7 +216,7 @@ def train(config: TrainConfig, out_dir: str, resume=False, stop_after: Optional[
         names = class_names(config)
         torch.manual_seed(config.seed)
         data = training_data(config, len(names), dist)
-        state = initial_state(config, len(names), device, dist)
+        state = initial_state(config, len(names), device, dist, load_weights=not resuming)
         checkpoint_path = os.path.join(out_dir, CHECKPOINT)
         if resuming:
             state.load(checkpoint_path)
@@ -229,8 +249,7 @@ def _loop(config: TrainConfig, out_dir: str, state: TrainingState, data, dist: D
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in next(stream).items()}
             batch["image_ids"] = (state.iteration * dist.world_size + dist.rank) * per_rank_batch + torch.arange(
                 batch["image"].shape[0], device=device)
-            for group in state.optimizer.param_groups:
-                group["lr"] = learning_rate(config, state.iteration)
+            set_learning_rate(state.optimizer, config, state.iteration)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.device == "cuda"):
                 total, terms, local = objective.compute(wrapped, batch, state.bank, config, num_classes)
             last_terms = dict({name: float(value) for name, value in terms.items()}, total=float(total.detach()))
