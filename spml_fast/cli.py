@@ -539,6 +539,24 @@ def run_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _add_data(subparsers) -> None:
+    from spml_fast.real_data import DATASETS
+    data = subparsers.add_parser("data", formatter_class=HelpFormatter,
+                                 help="real pictures with masks, from files packages on the registry ship")
+    data.add_argument("name", choices=DATASETS, help="nuclei: stardist's microscopy image as 128-px tiles "
+                                                     "(nucleus / background); quokka: imgaug's photograph")
+    data.add_argument("--out", required=True, metavar="DIR", help="dataset folder (list-file layout)")
+    data.set_defaults(run=run_data)
+
+
+def run_data(args) -> int:
+    from spml_fast.real_data import write_real_dataset
+    info = write_real_dataset(args.name, args.out)
+    print(f"wrote {info['train']} training and {info['val']} validation images of {args.name} to {args.out} "
+          f"(classes: {', '.join(info['classes'])})")
+    return 0
+
+
 def _add_weights(subparsers) -> None:
     from spml_fast.weights import SOURCES
     weights = subparsers.add_parser("weights", formatter_class=HelpFormatter,
@@ -572,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_experiments(subparsers)
     _add_weights(subparsers)
+    _add_data(subparsers)
     return parser
 
 

@@ -37,6 +37,7 @@ class Family:
     scenes: SynthConfig
     train_list: str = "train_scribble.txt"
     note: str = ""
+    dataset: str = "synth"      # "synth": the generator with ``scenes``; else a real dataset (real_data.DATASETS)
     budget: int = 1             # trains for budget x the suite's iterations (a family too hard to learn in them)
 
 
@@ -63,6 +64,8 @@ FAMILIES = {
                     scribble_width=1, scribble_per_class=True, shading=0.0, scribble_margin=0.0),
         note="random colour; one 3-px straight line per class anywhere inside"),
     "points": Family(SynthConfig(), train_list="train_point.txt", note="one dilated point per object"),
+    "nuclei": Family(SynthConfig(), dataset="nuclei",
+                     note="real: stardist's fluorescence image, 128-px tiles, nucleus / background, 1-px strokes"),
     # the same data with every pixel labelled: how far partial labels are from the network's ceiling
     "built-in, full masks": Family(SynthConfig(), train_list="train_full.txt", note="ceiling of the built-in row"),
     "texture, random colour, full masks": Family(
@@ -72,6 +75,8 @@ FAMILIES = {
         SynthConfig(cue="texture+shape", classes=3, max_objects=3, train_images=60, val_images=20, stroke="line",
                     scribble_width=1, scribble_per_class=True, shading=0.0, scribble_margin=0.0),
         train_list="train_full.txt", note="ceiling of the texture+shape row"),
+    "nuclei, full masks": Family(SynthConfig(), dataset="nuclei", train_list="train_full.txt",
+                                 note="ceiling of the nuclei row"),
     "boxes (box-fill)": Family(SynthConfig(), train_list="train_boxfill.txt",
                                note="box-fill pseudo-labels: inside a box its class"),
 }
@@ -191,13 +196,17 @@ def run_suite(out: str, config: SuiteConfig = SuiteConfig(), progress: bool = Tr
     """Write the families' data, run every cell (``config.jobs`` at a time), write the report."""
     from tqdm import tqdm
 
+    from .real_data import write_real_dataset
     from .synth import write_dataset
     _check_names(config)
     jobs = []
     for name in config.families:
         family = FAMILIES[name]
         data = os.path.join(out, "data", slug(name))
-        write_dataset(data, family_scenes(family, config.scale), progress=False)
+        if family.dataset == "synth":
+            write_dataset(data, family_scenes(family, config.scale), progress=False)
+        else:
+            write_real_dataset(family.dataset, data)
         for objective in config.objectives:
             for seed in config.seeds:
                 jobs.append(Job(name, objective, seed, data, cell_dir(out, name, objective, seed, config.backbone),

@@ -336,10 +336,18 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
     brightness, contrast = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.15)
     image = np.clip((image - 0.5) * contrast + 0.5 * brightness + rng.normal(0, 0.02, image.shape), 0, 1)
     image = (image * 255).astype(np.uint8)
+    return dict(image=image, mask=mask, **weak_labels(rng, mask, instances, config))
 
-    scribble = np.full((size, size), IGNORE, dtype=np.uint8)
-    point = np.full((size, size), IGNORE, dtype=np.uint8)
-    box = np.zeros((size, size), dtype=np.uint8)
+
+def weak_labels(rng, mask: np.ndarray, instances: list, config: SynthConfig) -> dict:
+    """The weak annotations of a scene from its full mask [S, S] uint8 (0 = background) and its instances
+    ({"cls", "mask"} each, the visible part): scribbles, points, boxes (255 inside, 0 outside), box-fill
+    pseudo-labels, boxes as [cls, top, left, bottom, right] and tags. The built-in data and the real
+    datasets (``real_data``) derive theirs with this one function."""
+    size = mask.shape
+    scribble = np.full(size, IGNORE, dtype=np.uint8)
+    point = np.full(size, IGNORE, dtype=np.uint8)
+    box = np.zeros(size, dtype=np.uint8)
     background = mask == 0
     for _ in range(1 if config.scribble_per_class else 2):
         scribble[_scribble(rng, background, config)] = 0
@@ -360,12 +368,11 @@ def make_scene(seed: int, config: SynthConfig) -> dict:
             if count:
                 sizes = ndimage.sum(mask == cls, components, range(1, count + 1))
                 scribble[_scribble(rng, components == 1 + int(np.argmax(sizes)), config)] = cls
-    boxfill = np.zeros((size, size), dtype=np.uint8)
+    boxfill = np.zeros(size, dtype=np.uint8)
     for cls, top, left, bottom, right in sorted(boxes, key=lambda b: -(b[3] - b[1] + 1) * (b[4] - b[2] + 1)):
         boxfill[top:bottom + 1, left:right + 1] = cls
     tags = sorted({int(c) for c in np.unique(mask) if c != 0})
-    return dict(image=image, mask=mask, scribble=scribble, point=point, box=box, boxfill=boxfill, boxes=boxes,
-                tags=tags)
+    return dict(scribble=scribble, point=point, box=box, boxfill=boxfill, boxes=boxes, tags=tags)
 
 
 def scene_statistics(config: SynthConfig, overseg, scenes: int = 40) -> dict:

