@@ -79,11 +79,12 @@ def write_scenes(root: str, scenes: list, class_names: list) -> dict:
     return dict(root=root, train=len(names["train"]), val=len(names["val"]), classes=class_names)
 
 
-def _weak(seed: int, mask: np.ndarray, instance_map: np.ndarray) -> dict:
+def _weak(seed: int, mask: np.ndarray, instance_map: np.ndarray, scribble_width: int = 0) -> dict:
+    """Weak labels of a binary mask whose instances are the ids of ``instance_map`` (>= 12 pixels each)."""
     from .synth import SynthConfig, weak_labels
     instances = [dict(cls=1, mask=instance_map == i) for i in np.unique(instance_map) if i > 0
                  and (instance_map == i).sum() >= 12]
-    return weak_labels(np.random.default_rng(seed), mask, instances, SynthConfig())
+    return weak_labels(np.random.default_rng(seed), mask, instances, SynthConfig(scribble_width=scribble_width))
 
 
 def write_nuclei(root: str, download: Callable[[str, str], None] = pip_download) -> dict:
@@ -111,7 +112,7 @@ def write_quokka(root: str, download: Callable[[str, str], None] = pip_download)
     canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)
     ImageDraw.Draw(canvas).polygon(polygon, fill=1)
     mask = np.array(canvas, dtype=np.uint8)
-    weak = _weak(0, mask, mask.astype(np.int64))
+    weak = _weak(0, mask, mask.astype(np.int64), scribble_width=3)     # a 7-px stroke on a 960-px photograph
     return write_scenes(root, [("quokka", "train", image, mask, weak), ("quokka-val", "val", image, mask, weak)],
                         ["background", "quokka"])
 
