@@ -238,6 +238,7 @@ def write_report(out: str, config: SuiteConfig = SuiteConfig()) -> dict:
     report = dict(config=dict(iterations=config.iterations, seeds=list(config.seeds), scale=config.scale,
                               backbone=config.backbone),
                   families={name: dict(note=FAMILIES[name].note, train_list=FAMILIES[name].train_list,
+                                       dataset=FAMILIES[name].dataset,
                                        iterations=family_iterations(FAMILIES[name], config),
                                        scenes=vars(family_scenes(FAMILIES[name], config.scale)))
                             for name in config.families},
@@ -284,9 +285,9 @@ def _table(report: dict, key: str) -> list[str]:
     with_margin = default in objectives and BASELINE in objectives
     lines = ["| family | " + " | ".join(heads) + (f" | {default} - {BASELINE} |" if with_margin else " |"),
              "|---" * (len(objectives) + 1 + with_margin) + "|"]
+    seeds = len(report["config"]["seeds"])
     for name, cells in summary.items():
-        row = [f"{cells[o][key]['mean']:.3f} ± {cells[o][key]['spread']:.3f}" if cells[o][key]["mean"] is not None
-               else "-" for o in objectives]
+        row = [_cell(cells[o][key], seeds) for o in objectives]
         best = max((cells[o][key]["mean"] or 0) for o in objectives)
         row = [f"**{text}**" if (cells[o][key]["mean"] or -1) == best else text for o, text in zip(objectives, row)]
         margin = ""
@@ -296,18 +297,35 @@ def _table(report: dict, key: str) -> list[str]:
     return lines
 
 
+def _size(info: dict) -> str:
+    if info.get("dataset", "synth") != "synth":
+        return f"the {info['dataset']} dataset (real_data)"
+    return f"{info['scenes']['train_images']} training / {info['scenes']['val_images']} validation images"
+
+
+def _cell(stats: dict, seeds: int) -> str:
+    """mean ± half-range; a cell with fewer seeds than the suite says how many (one seed has no spread)."""
+    if stats["mean"] is None:
+        return "-"
+    if stats["seeds"] == 1:
+        return f"{stats['mean']:.3f} (1 seed)"
+    return f"{stats['mean']:.3f} ± {stats['spread']:.3f}" + (f" ({stats['seeds']} seeds)" if stats["seeds"] < seeds else "")
+
+
 def to_markdown(report: dict) -> str:
     config = report["config"]
-    lines = [f"Validation mIoU, mean ± half-range over seeds {config['seeds']}, {config['iterations']} iterations "
-             "per run unless a family says otherwise (2-core CPU). Best per family in bold; the last column is the "
+    encoder = config.get("backbone", "small")
+    network = ("the small CPU network from scratch" if encoder == "small"
+               else f"ImageNet {encoder} with DeepLabV3+ (encoder at a tenth of the rate, BatchNorm frozen)")
+    lines = [f"Validation mIoU of {network}, mean ± half-range over seeds {config['seeds']}, "
+             f"{config['iterations']} iterations per run unless a family says otherwise (2-core CPU). Best per family in bold; the last column is the "
              "default preset's margin over partial cross-entropy in points.", "",
              "With the dense CRF after the predictor (the presets' evaluation):", ""]
     lines += _table(report, "crf")
     lines += ["", "The predictor alone (no CRF):", ""]
     lines += _table(report, "plain")
     lines += ["", "Families:", ""]
-    lines += [f"- **{name}**: {info['note'] or 'as named'}; {info['scenes']['train_images']} training / "
-              f"{info['scenes']['val_images']} validation images; trained on `{info['train_list']}`"
+    lines += [f"- **{name}**: {info['note'] or 'as named'}; {_size(info)}; trained on `{info['train_list']}`"
               + (f" for {info['iterations']} iterations." if info["iterations"] != config["iterations"] else ".")
               for name, info in report["families"].items()]
     return "\n".join(lines) + "\n"
