@@ -342,9 +342,9 @@ def _add_experiments(subparsers) -> None:
                              help="robustness: only these objectives, e.g. pce,spml,tel-agmm (default: all)")
     experiments.add_argument("--seeds", metavar="N,N", default=None,
                              help="robustness: the seeds, e.g. 0,1,2 (default: 0,1)")
-    experiments.add_argument("--backbone", choices=["small", "mobilenet_v2"], default="small",
-                             help="robustness: the small CPU network from scratch, or ImageNet MobileNetV2 with "
-                                  "DeepLabV3+ (spml-fast weights fetch mobilenet_v2 first)")
+    experiments.add_argument("--backbone", choices=["small", "mobilenet_v2", "efficientnet_lite0"], default="small",
+                             help="robustness: the small CPU network from scratch, or an ImageNet encoder with "
+                                  "DeepLabV3+ (spml-fast weights fetch NAME first)")
     _add_scene_flags(experiments)
     experiments.set_defaults(run=run_experiments_command)
 

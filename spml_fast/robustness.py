@@ -83,7 +83,7 @@ FAMILIES = {
 
 
 CEILINGS = tuple(name for name in FAMILIES if name.endswith("full masks"))
-ENCODERS = ("small", "mobilenet_v2")          # small: the CPU network from scratch; else ImageNet weights
+ENCODERS = ("small", "mobilenet_v2", "efficientnet_lite0")   # small: the CPU network from scratch; else ImageNet
 
 
 @dataclass(frozen=True)
