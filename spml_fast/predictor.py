@@ -34,6 +34,15 @@ from .run import Run
 OVERRIDES = ("method", "k", "window", "scales", "crf")
 
 
+def changed_settings(settings: PredictorConfig, **given) -> PredictorConfig:
+    """``settings`` with the given ``OVERRIDES`` changed (None: unchanged; ``crf``: a bool turns the CRF on or
+    off and keeps its parameters)."""
+    changes = {name: value for name, value in given.items() if value is not None}
+    if isinstance(changes.get("crf"), bool):
+        changes["crf"] = replace(settings.crf, enabled=changes["crf"])
+    return replace(settings, **changes)
+
+
 def run_settings(run: Run, method: Optional[str] = None, k: Optional[int] = None, window: Optional[int] = None,
                  scales: Optional[tuple] = None, crf: Optional[bool] = None) -> PredictorConfig:
     """The run's own inference settings with only the given ones changed (``crf``: on/off only)."""
@@ -41,11 +50,7 @@ def run_settings(run: Run, method: Optional[str] = None, k: Optional[int] = None
     settings = PredictorConfig(method="classifier" if config.objective.has_head else "pixel-knn", k=config.eval_k,
                                segment_grid=config.segment_grid, segment_iterations=config.kmeans_iterations,
                                crf=config.crf)
-    changes = {name: value for name, value in dict(method=method, k=k, window=window, scales=scales).items()
-               if value is not None}
-    if crf is not None:
-        changes["crf"] = replace(config.crf, enabled=bool(crf))
-    return replace(settings, **changes)
+    return changed_settings(settings, method=method, k=k, window=window, scales=scales, crf=crf)
 
 
 @dataclass
@@ -91,10 +96,8 @@ class Predictor:
         return self.run.checkpoint_sha256() if self.run is not None else ""
 
     def with_settings(self, **changes) -> "Predictor":
-        """The same network and head with other settings (``crf`` takes a bool, as in ``run_settings``)."""
-        if "crf" in changes and isinstance(changes["crf"], bool):
-            changes["crf"] = replace(self.settings.crf, enabled=changes["crf"])
-        return replace(self, settings=replace(self.settings, **changes))
+        """The same network and head with other settings (``changed_settings``)."""
+        return replace(self, settings=changed_settings(self.settings, **changes))
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] normalised -> class scores [B, K, H, W] float32 (``inference.predict_scores``)."""

