@@ -39,6 +39,7 @@ SUITE_MODULES = {
     "loss": "spml_fast.benchmarks.bench_loss",
     "primitives": "spml_fast.benchmarks.bench_primitives",
     "train-step": "spml_fast.benchmarks.bench_train_step",
+    "objectives": "spml_fast.benchmarks.bench_objectives",
     "inference": "spml_fast.benchmarks.bench_inference",
 }
 

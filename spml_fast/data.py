@@ -42,6 +42,11 @@ def denormalise(images: torch.Tensor) -> torch.Tensor:
     return (images.float() * std + mean).clamp(0, 1)
 
 
+def image_colours(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Normalised images [B, 3, H, W] -> colours [B, 3, h, w] in [0, 1], area-averaged to ``size``."""
+    return torch.nn.functional.adaptive_avg_pool2d(denormalise(images), size)
+
+
 def image_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> normalised float32 [3, H, W]."""
     return normalise(torch.tensor(image).permute(2, 0, 1).float() / 255.0)
@@ -304,13 +309,17 @@ class AugmentConfig:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Samples: image [3, S, S] float (normalised), label [S, S] int64 (255 = unlabelled),
     overseg [S, S] int64 (-1 = padding), valid [S, S] bool (not padding), tags [W] int64
-    (image tags, background excluded), index."""
+    (image tags, background excluded), index; and whatever ``prepare`` (sample dict -> sample dict,
+    picklable) adds, run in the data loader's workers: training adds what its objective reads from the
+    augmented sample alone (``objective.sample_preparer``: the maps at the embedding's size and the
+    colour tree), so that it costs the workers, not the training step."""
 
     def __init__(self, entries: list[Entry], num_classes: int, root: str, train: bool = True,
                  augment: AugmentConfig = AugmentConfig(), overseg: OversegConfig = OversegConfig(),
                  seed: int = 0, skip_bad: bool = False, tags_file: Optional[str] = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, prepare=None):
         self.entries, self.num_classes, self.train, self.augment = entries, num_classes, train, augment
+        self.prepare = prepare
         self.max_pixels = check_max_pixels(max_pixels)
         self.overseg_config, self.seed, self.skip_bad = overseg, seed, skip_bad
         self.cache_dir = os.path.join(root, ".cache", "overseg")
@@ -356,9 +365,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         valid = np.ones(label.shape, dtype=bool)
         if self.train:
             image, label, regions, valid = _augment(rng, image, label, regions, self.augment)
-        return dict(image=image_tensor(image).contiguous(), label=torch.from_numpy(label.astype(np.int64)),
-                    overseg=torch.from_numpy(regions.astype(np.int64)), valid=torch.from_numpy(valid),
-                    tags=torch.from_numpy(tags_to_words(raw["tags"], self.num_classes)), index=index)
+        sample = dict(image=image_tensor(image).contiguous(), label=torch.from_numpy(label.astype(np.int64)),
+                      overseg=torch.from_numpy(regions.astype(np.int64)), valid=torch.from_numpy(valid),
+                      tags=torch.from_numpy(tags_to_words(raw["tags"], self.num_classes)), index=index)
+        return self.prepare(sample) if self.prepare is not None else sample
 
 
 def _resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:

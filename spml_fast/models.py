@@ -101,6 +101,14 @@ class SmallBackbone(nn.Module):
         return self.features(images)
 
 
+OUTPUT_STRIDE = 4                # every network's embedding: [B, D, ceil(H / 4), ceil(W / 4)]
+
+
+def output_size(height: int, width: int) -> tuple[int, int]:
+    """The embedding's (h, w) for an image of height x width."""
+    return -(-height // OUTPUT_STRIDE), -(-width // OUTPUT_STRIDE)
+
+
 ENCODERS = ("small", "resnet50", "resnet101", "mobilenet_v2", "efficientnet_lite0")
 DECODERS = ("aspp", "deeplabv3+")
 IMAGENET_ENCODERS = {"mobilenet_v2": MobileNetV2Encoder, "efficientnet_lite0": EfficientNetLite0Encoder}

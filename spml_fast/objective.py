@@ -18,13 +18,15 @@ head, otherwise with k-NN against its prototype bank.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, denormalise
-from .losses import GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, tree_energy_loss
+from .data import IGNORE, image_colours
+from .losses import ColourTree, GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, tree_energy_loss
 
 HEAD_TERMS = ("partial_ce", "tree_energy", "gaussian_mixture")
 
@@ -61,33 +63,70 @@ def describe(objective: ObjectiveConfig) -> str:
     return " + ".join(f"{name} {weight:g}" for name, weight in terms)
 
 
-def image_colours(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Normalised images [B, 3, H, W] -> colours [B, 3, h, w] in [0, 1], area-averaged to ``size``."""
-    return F.adaptive_avg_pool2d(denormalise(images), size)
+SMALL_KEYS = ("small_colours", "small_label", "small_valid")
+
+
+def small_maps(image: torch.Tensor, label: torch.Tensor, valid: torch.Tensor, num_classes: int,
+               colour_sigma: Optional[float] = None) -> dict:
+    """What the tree-energy and Gaussian-mixture terms read at the embedding's size (h, w)
+    (``models.output_size``), from the batch alone: image [B, 3, H, W] normalised, label [B, H, W]
+    (255 unlabelled), valid [B, H, W] bool -> {small_colours [B, 3, h, w] in [0, 1], small_label
+    [B, h, w] int64 (-1 unlabelled), small_valid [B, h, w] bool}, plus the colour tree
+    (``ColourTree.KEYS``) with ``colour_sigma``. The data pipeline computes them per sample in its
+    workers (``SegmentationDataset(prepare=...)``); the step computes them only for a batch without."""
+    from .losses.tree_energy import colour_tree
+    from .models import output_size
+    from .segments import pool_labels, sample_nearest
+    size = output_size(*image.shape[-2:])
+    label = torch.where(valid, label, torch.full_like(label, IGNORE))
+    small_label = pool_labels(label, size, num_classes)
+    maps = dict(small_colours=image_colours(image, size), small_label=torch.where(small_label == IGNORE, -1, small_label),
+                small_valid=sample_nearest(valid.long(), size) > 0)
+    if colour_sigma is not None:
+        maps.update(colour_tree(maps["small_colours"], maps["small_valid"], colour_sigma).items())
+    return maps
+
+
+def prepare_sample(sample: dict, num_classes: int, colour_sigma: Optional[float]) -> dict:
+    """The data pipeline's hook (picklable with ``functools.partial``): a sample with its ``small_maps``."""
+    batch = {key: sample[key][None] for key in ("image", "label", "valid")}
+    maps = small_maps(batch["image"], batch["label"], batch["valid"], num_classes, colour_sigma)
+    return dict(sample, **{key: value[0] for key, value in maps.items()})
+
+
+def sample_preparer(config, num_classes: int):
+    """The ``prepare`` hook of a run's training data: the small maps (and the colour tree with the
+    tree-energy term) when the objective has a term that reads them, else None."""
+    weights = term_weights(config)
+    if not (weights["tree_energy"] or weights["gaussian_mixture"]):
+        return None
+    sigma = config.objective.tree.colour_sigma if weights["tree_energy"] else None
+    return functools.partial(prepare_sample, num_classes=num_classes, colour_sigma=sigma)
 
 
 def head_losses(logits: torch.Tensor, embeddings: torch.Tensor, batch: dict, config: ObjectiveConfig,
                 num_classes: int, terms: set) -> dict:
     """logits [B, K, h, w] of the class head, embeddings [B, D, h, w] -> {term: float32 scalar} for the head
     ``terms`` asked for (those with a weight). batch: image [B, 3, H, W], label [B, H, W] (255 unlabelled),
-    valid [B, H, W]."""
-    from .segments import pool_labels, sample_nearest
+    valid [B, H, W], and the ``small_maps`` if the data pipeline made them. No term asks the host
+    anything (no sync): empty selections give 0 through clamped counts."""
     losses = {}
-    label = torch.where(batch["valid"], batch["label"], torch.full_like(batch["label"], IGNORE))
     if "partial_ce" in terms:
+        label = torch.where(batch["valid"], batch["label"], torch.full_like(batch["label"], IGNORE))
         upsampled = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
-        losses["partial_ce"] = (F.cross_entropy(upsampled, label, ignore_index=IGNORE) if (label != IGNORE).any()
-                                else upsampled.sum() * 0)
+        summed = F.cross_entropy(upsampled, label, ignore_index=IGNORE, reduction="sum")
+        losses["partial_ce"] = summed / (label != IGNORE).sum().clamp(min=1)
     if terms & {"tree_energy", "gaussian_mixture"}:
-        size = tuple(logits.shape[-2:])
+        maps = batch if all(key in batch for key in SMALL_KEYS) else small_maps(
+            batch["image"], batch["label"], batch["valid"], num_classes)
+        if tuple(maps["small_label"].shape[-2:]) != tuple(logits.shape[-2:]):
+            raise ValueError(f"the batch's small maps are {tuple(maps['small_label'].shape[-2:])}, the prediction "
+                             f"{tuple(logits.shape[-2:])}: the network's output stride is not models.OUTPUT_STRIDE")
         probabilities = logits.float().softmax(1)
-        colours = image_colours(batch["image"], size)
-        small_label = pool_labels(label, size, num_classes)
-        small_label = torch.where(small_label == IGNORE, -1, small_label)
-        valid = sample_nearest(batch["valid"].long(), size) > 0
+        colours, small_label, valid = (maps[key] for key in SMALL_KEYS)
         if "tree_energy" in terms:
             losses["tree_energy"] = tree_energy_loss(probabilities, colours, embeddings, small_label < 0, valid,
-                                                     config.tree)
+                                                     config.tree, ColourTree.from_batch(batch))
         if "gaussian_mixture" in terms:
             losses["gaussian_mixture"] = gaussian_mixture_loss(probabilities, embeddings, colours, small_label,
                                                                valid, config.mixture)

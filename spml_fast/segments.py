@@ -42,8 +42,9 @@ class Segments:
 def pool_labels(label: torch.Tensor, size: tuple[int, int], num_classes: int) -> torch.Tensor:
     """[B, H, W] labels (255 = unlabelled) -> [B, h, w]: the most frequent label among the labelled
     pixels of each cell, 255 where a cell has none. Keeps thin scribbles that nearest sampling drops."""
-    one_hot = F.one_hot(torch.where(label == IGNORE, num_classes, label), num_classes + 1)[..., :num_classes]
-    counts = F.adaptive_avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), size)
+    classes = torch.arange(num_classes, device=label.device)[None, :, None, None]
+    one_hot = label[:, None] == classes                                      # no range check: no sync
+    counts = F.adaptive_avg_pool2d(one_hot.float(), size)
     best = counts.argmax(1)
     return torch.where(counts.sum(1) > 0, best, torch.full_like(best, IGNORE))
 

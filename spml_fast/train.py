@@ -169,7 +169,8 @@ def training_data(config: TrainConfig, num_classes: int, dist: Distributed):
     check_labels(entries, num_classes, config.max_pixels, config.skip_bad, progress=dist.main)
     dataset = SegmentationDataset(entries, num_classes, config.data_root, train=True, augment=config.augment,
                                   overseg=config.overseg, seed=config.seed, skip_bad=config.skip_bad,
-                                  max_pixels=config.max_pixels)
+                                  max_pixels=config.max_pixels,
+                                  prepare=objective.sample_preparer(config, num_classes))
     per_rank_batch = max(1, config.optim.batch // dist.world_size)
     if len(dataset) < per_rank_batch * dist.world_size:
         raise ValueError(f"--batch {config.optim.batch}: the training list has only {len(dataset)} images")

@@ -19,13 +19,18 @@ def test_bench_all_quick_writes_json_markdown_and_plots(tmp_path):
         assert {"suite", "case", "impl", "time_s", "peak_mem_mb"} <= set(record)
     ok = {(r["suite"], r["impl"]) for r in records if r["status"] == "ok"}
     assert {("loss", "dense"), ("loss", "tiled"), ("train-step", "dense"), ("train-step", "tiled"),
-            ("inference", "pytorch-eager"), ("inference", "onnxruntime")} <= ok
+            ("inference", "pytorch-eager"), ("inference", "onnxruntime"), ("objectives", "pce"),
+            ("objectives", "tel-agmm")} <= ok
     loss = {r["impl"]: r for r in records if r["suite"] == "loss" and r["status"] == "ok"}
     assert loss["tiled"]["peak_mem_mb"] < loss["dense"]["peak_mem_mb"]        # same case, same run
     assert all(r["time_min_s"] <= r["time_s"] <= r["time_max_s"] for r in records if r["status"] == "ok")
     assert all(check["status"] == "ok" for check in report["parity"] if check["suite"] in ("loss", "train-step"))
     assert any("largest crop under" in line for line in report["summaries"]["train-step"])
-    assert sorted(os.listdir(plots)) == ["inference.png", "loss.png", "primitives.png", "train-step.png"]
+    assert sorted(os.listdir(plots)) == ["inference.png", "loss.png", "objectives.png", "primitives.png",
+                                         "train-step.png"]
+    objectives = next(check for check in report["parity"] if check["suite"] == "objectives")
+    assert objectives["tel-agmm.step.sync"] == 0 and objectives["tel-agmm.tree_energy.aten"] > 0
+    assert any("multiple of partial CE" in line for line in report["summaries"]["objectives"])
     markdown = out_md.read_text()
     assert "speed-up vs baseline" in markdown and "images/s" in markdown
 

@@ -6,81 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spml_fast.losses import (GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, mixture_targets,
-                              spanning_forest, tree_energy_loss, tree_filter)
-from spml_fast.losses.tree_energy import _grid_edges, edge_distances
+from spml_fast.losses import GaussianMixtureConfig, TreeEnergyConfig, gaussian_mixture_loss, mixture_targets, tree_energy_loss
 from spml_fast.models import LinearClassifier
 from spml_fast.objective import ObjectiveConfig
-
-
-def kruskal_weight(weights: np.ndarray, height: int, width: int) -> float:
-    """Total weight of a minimum spanning tree of the grid, by Kruskal with union-find."""
-    first, second = _grid_edges(height, width)
-    parent = list(range(height * width))
-
-    def root(node):
-        while parent[node] != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-    total = 0.0
-    for edge in np.argsort(weights, kind="stable"):
-        a, b = root(first[edge]), root(second[edge])
-        if a != b:
-            parent[a] = b
-            total += weights[edge]
-    return total
-
-
-def tree_edges(forest, nodes):
-    return [(int(i), int(forest.parent[i])) for i in range(nodes) if int(forest.parent[i]) != i]
-
-
-def test_spanning_forest_is_a_minimum_spanning_tree_per_image():
-    gen = torch.Generator().manual_seed(0)
-    height, width = 5, 6
-    features = torch.rand(2, 3, height, width, generator=gen)
-    distances = edge_distances(features, torch.ones(2, height, width, dtype=torch.bool))
-    forest = spanning_forest(distances, height, width)
-    nodes = height * width
-    for image in range(2):
-        edges = [(a - image * nodes, b - image * nodes) for a, b in tree_edges(forest, 2 * nodes)
-                 if image * nodes <= a < (image + 1) * nodes]
-        assert len(edges) == nodes - 1                                     # a tree: N - 1 edges, one root
-        flat = features[image].reshape(3, -1)
-        weight = sum(float((flat[:, a] - flat[:, b]).norm()) for a, b in edges)
-        assert weight == pytest.approx(kruskal_weight(distances[image].numpy(), height, width), rel=1e-6)
-    depth_order = torch.cat(forest.levels)
-    assert sorted(depth_order.tolist()) == sorted(set(range(2 * nodes)) - {0, nodes})   # every non-root once
-
-
-def test_tree_filter_matches_path_products():
-    """filtered_i = sum_j A(i, j) v_j / sum_j A(i, j), A the product of edge affinities on the tree path."""
-    gen = torch.Generator().manual_seed(1)
-    height, width = 4, 5
-    nodes = height * width
-    features = torch.rand(1, 2, height, width, generator=gen)
-    forest = spanning_forest(edge_distances(features, torch.ones(1, height, width, dtype=torch.bool)), height, width)
-    affinity = torch.rand(nodes, generator=gen) * 0.9 + 0.05
-    values = torch.rand(nodes, 3, generator=gen)
-    got = tree_filter(values, forest, affinity)
-    neighbours = {i: [] for i in range(nodes)}
-    for child, parent in tree_edges(forest, nodes):
-        neighbours[child].append((parent, float(affinity[child])))
-        neighbours[parent].append((child, float(affinity[child])))
-    expected = torch.zeros(nodes, 3, dtype=torch.float64)
-    for source in range(nodes):
-        weight = {source: 1.0}
-        stack = [source]
-        while stack:                                          # products along the unique tree paths
-            node = stack.pop()
-            for other, edge in neighbours[node]:
-                if other not in weight:
-                    weight[other] = weight[node] * edge
-                    stack.append(other)
-        total = sum(weight.values())
-        expected[source] = sum(w * values[j].double() for j, w in weight.items()) / total
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_tree_energy_is_zero_for_region_constant_predictions_and_cuts_at_padding():
