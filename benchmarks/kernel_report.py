@@ -111,8 +111,9 @@ def read_sass(cubin: bytes) -> tuple[str, str]:
     return usage, sass
 
 
-def main_loops(sass: str, pairs_per_thread: float) -> list[Loop]:
-    """The outermost loops holding a tensor-core instruction, in code order."""
+def main_loops(sass: str, pairs_per_thread: float, tensor_core: bool = True) -> list[Loop]:
+    """The outermost loops holding a tensor-core instruction (any outermost loop with ``tensor_core``
+    False: the tree filter's passes), in code order."""
     code = [(int(match.group(1), 16), match.group(2).strip()) for match in
             (re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line) for line in sass.splitlines()) if match]
     opcode = lambda text: re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
@@ -122,7 +123,7 @@ def main_loops(sass: str, pairs_per_thread: float) -> list[Loop]:
         if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
     with_mma = [(start, end) for start, end in loops
-                if any(start <= a <= end and opcode(t) in TENSOR_CORE_OPS for a, t in code)]
+                if not tensor_core or any(start <= a <= end and opcode(t) in TENSOR_CORE_OPS for a, t in code)]
     outermost = [(s, e) for s, e in with_mma if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e)
                                                          for s2, e2 in with_mma)]
     result = []
@@ -204,6 +205,25 @@ def report_nearest_kernel(arch: str, dim: int, dtype: str = "bfloat16") -> Kerne
                         loops=main_loops(sass, pairs))
 
 
+def report_tree_filter_kernel(arch: str) -> KernelReport:
+    """The tree filter: one program per (image, 32 channels), one warp, one channel per thread; its two
+    loops are the passes (leaves -> root, root -> leaves), per (node, channel) = per loop iteration."""
+    from spml_fast.triton_kernels.tree_filter import BLOCK_CHANNELS, LOADS_PER_NODE, tree_filter_kernel
+    pointers = dict(order="*i64", parent="*i64", affinity="*fp32", subtree="*fp32", subtree_norm="*fp32",
+                    whole="*fp32", whole_norm="*fp32", out="*fp32")
+    fn = tree_filter_kernel
+    compiled = compile_kernel(fn if hasattr(fn, "arg_names") else fn.fn, pointers, dict(BLOCK_C=BLOCK_CHANNELS),
+                              ARCHITECTURES[arch], 1, 1)
+    usage, sass = read_sass(compiled.asm["cubin"])
+    loops = main_loops(sass, BLOCK_CHANNELS / 32, tensor_core=False)
+    for loop in loops:       # ptxas unrolls the passes: count iterations by their 7 global loads each
+        nodes = max(1.0, dict(loop.top_ops).get("LDG", LOADS_PER_NODE) / LOADS_PER_NODE)
+        loop.per_pair, loop.mufu_per_pair = round(loop.per_pair / nodes, 2), round(loop.mufu_per_pair / nodes, 3)
+    passes = [max(loops[:-1], key=lambda loop: loop.instructions), loops[-1]] if len(loops) > 2 else loops
+    return KernelReport("tree_filter", "fwd", arch, BLOCK_CHANNELS, "float32", 1, BLOCK_CHANNELS, 1, 1,
+                        **_resources(usage, sass), loops=passes)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -235,9 +255,10 @@ def run(architectures=tuple(ARCHITECTURES), dims=DIMS, modes=tuple(MODES), kerne
                     reports.append(report_loss_kernel(name, mode, arch, dim))
                     if progress:
                         progress(reports[-1])
-        reports.append(report_nearest_kernel(arch, 64))
-        if progress:
-            progress(reports[-1])
+        for extra in (report_nearest_kernel(arch, 64), report_tree_filter_kernel(arch)):
+            reports.append(extra)
+            if progress:
+                progress(reports[-1])
     return reports
 
 
@@ -250,7 +271,9 @@ def _loop_cell(loop: Optional[dict]) -> str:
 def to_markdown(reports: list[dict], environment: dict) -> str:
     lines = [f"Static kernel report ({environment.get('triton', '')}; compiled on the CPU, bfloat16 inputs). "
              "Per (pixel, segment) pair and thread: instructions / MUFU (exp) / tensor-core instructions "
-             "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = masked tiles.", "",
+             "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = masked tiles; "
+             "tree_filter (float32, no tensor cores): per (node, channel), pass 1 = leaves to root, "
+             "pass 2 = root to leaves.", "",
              "| kernel | mode | arch | D | tile | warps/stages | registers | spills (B / LDL+STL) | shared B | pass 1 | "
              "pass 2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:

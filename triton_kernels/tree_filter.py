@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 BLOCK_CHANNELS = 32      # one warp of 32 threads, one channel each
+LOADS_PER_NODE = 7       # global loads per node and pass (order, parent, affinity, 2 rows, 2 normalisers)
 
 
 @triton.jit
