@@ -166,5 +166,5 @@ def compute(model, batch: dict, bank, config, num_classes: int):
                                  num_classes, config.kmeans_grid, config.kmeans_iterations)
         relations, local = relation_losses(segments, bank, config.relations, num_classes, batch["image_ids"])
         terms.update(relations)
-    total = sum(weights[name] * value for name, value in terms.items())
+    total = functools.reduce(torch.add, [weights[name] * value for name, value in terms.items()])
     return total, {name: value.detach() for name, value in terms.items()}, local

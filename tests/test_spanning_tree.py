@@ -1,9 +1,12 @@
 """The spanning trees the tree-energy term filters along: minimum (against
 Kruskal, with ties), spanning, rooted, ordered top-down, and the same from
-every entry point (torch distances, the numpy ``feature_tree``)."""
+every entry point (torch distances, the numpy ``feature_tree``) and both
+builders (scipy on the host, the Triton kernels through the interpreter)."""
 import numpy as np
 import pytest
 import torch
+
+from conftest import NEEDS_TRITON, TRITON_ON_CPU
 
 from spml_fast.ops.spanning_tree import (CUT, edge_distances, feature_tree, grid_edges, parent_affinity,
                                          spanning_forest, tree_weight)
@@ -72,3 +75,38 @@ def test_bad_shapes_are_named():
         spanning_forest(torch.zeros(1, 5), 3, 3)
     with pytest.raises(ValueError, match="valid"):
         feature_tree(torch.zeros(1, 3, 4, 4), torch.ones(1, 4, 5, dtype=torch.bool), 0.1)
+
+
+DEVICE = "cpu" if TRITON_ON_CPU else "cuda"
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("height,width,batch,ties", [(1, 1, 2, True), (1, 7, 2, True), (7, 1, 2, True),
+                                                     (8, 8, 3, True), (13, 9, 2, True), (32, 32, 2, True),
+                                                     (40, 24, 2, False), (128, 128, 1, True)])
+def test_device_forest_equals_scipy_weight_exactly(height, width, batch, ties):
+    gen = torch.Generator().manual_seed(height * 1000 + width)
+    edges = height * (width - 1) + (height - 1) * width
+    distances = (torch.randint(0, 4, (batch, edges), generator=gen).float() if ties
+                 else torch.rand(batch, edges, generator=gen))
+    forest = spanning_forest(distances.to(DEVICE), height, width, backend="triton").to("cpu")
+    check_rooted_order(forest, height * width)
+    host = spanning_forest(distances, height, width, backend="host")
+    assert tree_weight(forest, distances, height, width) == tree_weight(host, distances, height, width)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_feature_tree_matches_the_host_one(dtype):
+    gen = torch.Generator().manual_seed(7)
+    features = torch.rand(2, 5, 12, 10, generator=gen).to(dtype)
+    valid = torch.ones(2, 12, 10, dtype=torch.bool)
+    valid[0, 9:] = False
+    forest, affinity = feature_tree(features.to(DEVICE), valid.to(DEVICE), 0.3, backend="triton")
+    forest, affinity = forest.to("cpu"), affinity.cpu()
+    check_rooted_order(forest, 120)
+    distances = edge_distances(features, valid)
+    host_forest, _ = feature_tree(features, valid, 0.3, backend="host")
+    assert tree_weight(forest, distances, 12, 10) == pytest.approx(tree_weight(host_forest, distances, 12, 10),
+                                                                    rel=1e-6)
+    torch.testing.assert_close(affinity, parent_affinity(features, forest, 0.3), rtol=1e-5, atol=1e-6)

@@ -90,3 +90,26 @@ def test_preparer_follows_the_objective(tmp_path):
                           config.objective.tree.colour_sigma)
     for key, value in expected.items():
         assert torch.equal(sample[key], value[0]), key
+
+
+def test_cuda_path_host_cost_with_the_launches_stubbed(monkeypatch):
+    """The Triton path (CUDA) on the same step, its kernels replaced by no-ops: what is left is what the
+    path asks of the host (allocations, views, the affinity and loss arithmetic), which a launch does
+    not add to. Inside ``use_backend("triton")`` the tree ops take that path on the CPU."""
+    import spml_fast.triton_kernels.spanning_tree as spanning
+    import spml_fast.triton_kernels.tree_filter as filtering
+    from spml_fast.ops.dispatch import use_backend
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    for module, names in ((spanning, ("edge_distance_kernel", "boruvka_kernel", "euler_kernel", "rank_kernel",
+                                      "parent_kernel", "order_kernel")), (filtering, ("tree_filter_kernel",))):
+        for name in names:
+            monkeypatch.setattr(module, name, NoLaunch())
+    config = PRESETS["synthetic-scribble"]
+    with use_backend("triton"):
+        costs = [step_cost(config, pipeline_batch(config, crop)) for crop in (128, 512)]
+    assert all(cost.aten_calls <= MAX_ATEN_CALLS and cost.sync_ops == 0 for cost in costs), \
+        [(cost.aten_calls, dict(cost.sync_by_op)) for cost in costs]
+    assert costs[0].aten_calls == costs[1].aten_calls

@@ -4,18 +4,21 @@ ordered for the tree filter (``tree_filter``).
 A tree is delivered as a ``Forest``: every pixel's parent and one top-down
 order (a parent before its children), per image, in local pixel indices.
 The tree filter walks that order backwards then forwards; nothing else is
-needed, so no depth levels are built.
+needed, so no depth levels are built. Two builders, one minimum tree (every
+minimum spanning tree has the same sorted edge weights; tested):
 
-The builder is scipy's minimum spanning tree and breadth-first order,
-compiled code, one call each per image, no Python loop over pixels; the
-distances and parent affinities are computed in numpy beside it
-(``feature_tree``: one copy of the features to the host and none of the
-intermediates as tensors, so a step's ATen calls do not grow with the tree).
-The data loader's workers build the colour tree this way, off the training
-step; the step builds the embedding tree. On CUDA the embedding tree is the
-one host round trip of the tree-energy term (the features are copied to the
-host and the forest back): a device builder (Borůvka in Triton) is not
-written yet.
+- ``host``: scipy's minimum spanning tree and breadth-first order, compiled
+  code, one call each per image, no Python loop over pixels; distances and
+  parent affinities in numpy beside it (``feature_tree``: one copy of the
+  features to the host, none of the intermediates as tensors). The CPU path,
+  and the data loader's workers' (the colour tree, off the training step).
+- ``triton``: Borůvka on the device, then the tree rooted and ordered by an
+  Euler tour ranked by pointer jumping (``triton_kernels.spanning_tree``):
+  six launches whatever the size or depth, no host synchronisation. The CUDA
+  path; the tests run it through the interpreter.
+
+``auto`` takes ``triton`` for CUDA tensors (or inside
+``dispatch.use_backend("triton")``) and ``host`` otherwise.
 """
 from __future__ import annotations
 
@@ -26,6 +29,16 @@ import numpy as np
 import torch
 
 CUT = 1e4          # distance of an edge that touches a padding pixel: affinity 0, nothing crosses it
+TREE_BACKENDS = ("auto", "host", "triton")
+
+
+def use_triton(backend: str, tensor: torch.Tensor) -> bool:
+    """Whether the tree ops take their Triton path: ``backend`` "triton", or "auto" with CUDA tensors or
+    inside ``dispatch.use_backend("triton")`` (the interpreter on the CPU)."""
+    from .dispatch import _AUTO_OVERRIDE
+    if backend not in TREE_BACKENDS:
+        raise ValueError(f"backend must be one of {TREE_BACKENDS}, got {backend!r}")
+    return backend == "triton" or (backend == "auto" and (tensor.is_cuda or _AUTO_OVERRIDE.get() == "triton"))
 
 
 @dataclass
@@ -92,15 +105,21 @@ def _check(distances: torch.Tensor, height: int, width: int) -> None:
         raise ValueError(f"the grid must have at least one pixel, got {height}x{width}")
 
 
-def feature_tree(features: torch.Tensor, valid: torch.Tensor, sigma: float) -> tuple[Forest, torch.Tensor]:
+def feature_tree(features: torch.Tensor, valid: torch.Tensor, sigma: float, backend: str = "auto"
+                 ) -> tuple[Forest, torch.Tensor]:
     """features [B, C, h, w] float (colours or embeddings), valid [B, h, w] bool -> (the minimum spanning
     ``Forest`` of the feature distances, affinity [B, n] float32 of each pixel's edge to its parent,
-    ``parent_affinity``; the same tree and values), on the features' device. All of it in numpy and
-    scipy: one copy of the features to the host, none of the intermediate tensors."""
+    ``parent_affinity``; the same tree and values), on the features' device."""
     height, width = features.shape[-2:]
     if features.dim() != 4 or tuple(valid.shape) != (features.shape[0], height, width):
         raise ValueError(f"features must be [B, C, h, w] and valid [B, h, w], got {tuple(features.shape)} and "
                          f"{tuple(valid.shape)}")
+    if use_triton(backend, features):
+        from ..triton_kernels.spanning_tree import launch_edge_distances, launch_spanning_forest
+        features = features.detach().contiguous()
+        distances = launch_edge_distances(features, valid.contiguous(), CUT)
+        parent, order, affinity = launch_spanning_forest(distances, height, width, features, sigma)
+        return Forest(parent, order), affinity
     flat = host_array(features, np.float32)
     mask = host_array(valid, bool)
     right = np.sqrt(np.square(flat[..., :, 1:] - flat[..., :, :-1]).sum(1))
@@ -118,10 +137,14 @@ def feature_tree(features: torch.Tensor, valid: torch.Tensor, sigma: float) -> t
             torch.from_numpy(affinity).to(device))
 
 
-def spanning_forest(distances: torch.Tensor, height: int, width: int) -> Forest:
-    """distances [B, E] float of the grid edges (``edge_distances``) -> the minimum spanning tree of each
-    image, rooted at pixel 0, as a ``Forest`` on the distances' device."""
+def spanning_forest(distances: torch.Tensor, height: int, width: int, backend: str = "auto") -> Forest:
+    """distances [B, E] float >= 0 of the grid edges (``edge_distances``) -> the minimum spanning tree of
+    each image, rooted at pixel 0, as a ``Forest`` on the distances' device."""
     _check(distances, height, width)
+    if use_triton(backend, distances):
+        from ..triton_kernels.spanning_tree import launch_spanning_forest
+        parent, order, _ = launch_spanning_forest(distances.float().contiguous(), height, width)
+        return Forest(parent, order)
     parents, orders = _host_forest(host_array(distances, np.float64), height, width)
     return Forest(torch.from_numpy(parents), torch.from_numpy(orders)).to(distances.device)
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .spanning_tree import Forest, host_array
-
-TREE_BACKENDS = ("auto", "host", "triton")
+from .spanning_tree import Forest, host_array, use_triton
 
 
 def _check(values: torch.Tensor, forest: Forest, affinity: torch.Tensor) -> None:
@@ -48,10 +46,8 @@ def tree_filter(values: torch.Tensor, forest: Forest, affinity: torch.Tensor, ba
     """values [B, n, C] float (any float dtype), forest over the n pixels of each image, affinity [B, n]
     float in [0, 1] (each pixel's edge to its parent; a root's is ignored) -> filtered [B, n, C] float32."""
     _check(values, forest, affinity)
-    if backend not in TREE_BACKENDS:
-        raise ValueError(f"backend must be one of {TREE_BACKENDS}, got {backend!r}")
     with torch.no_grad():
-        if backend == "triton" or (backend == "auto" and values.is_cuda):
+        if use_triton(backend, values):
             from ..triton_kernels.tree_filter import launch_tree_filter
             return launch_tree_filter(values.float().contiguous(), forest.parent.contiguous(),
                                       forest.order.contiguous(), affinity.float().contiguous())
