@@ -542,9 +542,11 @@ def run_predict(args) -> int:
 def _add_data(subparsers) -> None:
     from spml_fast.real_data import DATASETS
     data = subparsers.add_parser("data", formatter_class=HelpFormatter,
-                                 help="real pictures with masks, from files packages on the registry ship")
+                                 help="real pictures with masks or boxes, from files packages on the registry ship")
     data.add_argument("name", choices=DATASETS, help="nuclei: stardist's microscopy image as 128-px tiles "
-                                                     "(nucleus / background); quokka: imgaug's photograph")
+                                                     "(nucleus / background); aerial: DeepForest's tree crowns "
+                                                     "as 128-px tiles with boxes (train on train_boxfill.txt; "
+                                                     "val.txt is a box-level check); quokka: imgaug's photograph")
     data.add_argument("--out", required=True, metavar="DIR", help="dataset folder (list-file layout)")
     data.set_defaults(run=run_data)
 

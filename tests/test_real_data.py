@@ -90,3 +90,44 @@ def test_colour_augmentation_is_seeded_and_off_by_default():
     assert np.array_equal(greyscale[..., 0], greyscale[..., 1])
     with pytest.raises(ValueError, match="augment.hue"):
         AugmentConfig(hue=0.7)
+
+
+def _voc(boxes) -> bytes:
+    objects = "".join(f"<object><name>Tree</name><bndbox><xmin>{l}</xmin><ymin>{t}</ymin><xmax>{r}</xmax>"
+                      f"<ymax>{b}</ymax></bndbox></object>" for t, l, b, r in boxes)
+    return f"<annotation><size><width>1</width></size>{objects}</annotation>".encode()
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_aerial_tiles_carry_box_labels_and_a_box_level_check(tmp_path, monkeypatch):
+    files = {}
+    for index, name in enumerate(real_data.AERIAL):
+        height, width = (400, 400) if index < 2 else (300, 520)
+        files[f"aerial-{name}-image"] = _png(np.full((height, width, 3), 40 * index, dtype=np.uint8))
+        files[f"aerial-{name}-boxes"] = _voc([(10, 20, 40, 60), (100, 300, 140, 330), (390, 390, 399, 399)])
+    download = _serve(monkeypatch, tmp_path, files)
+    root = str(tmp_path / "aerial")
+    info = real_data.write_aerial(root, download)
+    assert info["classes"] == ["background", "tree"] and info["train"] > 0 and info["val"] > 0
+    train, val = read_list(root, "train_boxfill.txt"), read_list(root, "val.txt")
+    assert len(read_list(root, "train_box.txt")) == len(train) == info["train"] and len(val) == info["val"]
+    for entry in val:                               # validation tiles lie in the right strip only
+        left = int(os.path.basename(entry.image)[:-4].split("-")[-1])
+        width = 520 if "2019_yel" in entry.image else 400
+        assert left >= width - max(real_data.TILE, width // 4)
+    first = next(e for e in train if e.image.endswith("train-osbs_029-0000-0000.png"))
+    boxfill = np.array(Image.open(first.label))
+    box = np.array(Image.open(first.label.replace("boxfill", "box")))
+    assert boxfill[10:41, 20:61].all() and boxfill.sum() == 31 * 41           # the one box in this tile
+    assert (box[10:41, 20:61] == IGNORE).all() and (box[boxfill == 0] == 0).all()
+    assert json.load(open(os.path.join(root, "boxes.json")))["JPEGImages/train-osbs_029-0000-0000.png"] == \
+        [[1, 10, 20, 40, 60]]
+    check = real_data.box_maps(np.array([[10, 20, 40, 60]]), (64, 80))["check"]
+    assert check[25, 40] == 1 and check[10, 20] == IGNORE and check[0, 0] == 0
+    assert check[42, 50] == IGNORE and check[43, 50] == 0                      # beyond 2 px of a box: ground
