@@ -21,7 +21,9 @@ def _add_bench(subparsers) -> None:
     from spml_fast.benchmarks.harness import SUITE_MODULES
     bench = subparsers.add_parser("bench", formatter_class=HelpFormatter, help="benchmark suites: tiled kernels against the dense baseline; "
                                                 "'kernels': the static kernel report (no GPU needed)")
-    bench.add_argument("suite", choices=[*SUITE_MODULES, "kernels", "all"], help="which suite ('all': the timed ones)")
+    bench.add_argument("suite", choices=[*SUITE_MODULES, "kernels", "host", "all"],
+                       help="which suite ('all': the timed ones; kernels: static report; host: ATen calls and syncs "
+                            "of the GPU path with its launches stubbed)")
     bench.add_argument("--quick", action="store_true", help="small shapes, about a minute")
     bench.add_argument("--json", metavar="FILE", help="write results as JSON")
     bench.add_argument("--markdown", metavar="FILE", help="write the markdown table")
@@ -31,6 +33,28 @@ def _add_bench(subparsers) -> None:
     bench.add_argument("--memory-cap", type=float, default=8192, metavar="MIB",
                        help="train-step: report the largest crop whose peak stays under this (default 8192)")
     bench.set_defaults(run=run_bench)
+
+
+def run_host_report(args) -> int:
+    """``bench host``: the Triton path's host side, launches stubbed: ATen calls, syncs, host time."""
+    import json
+
+    import torch
+    from tqdm import tqdm
+
+    from spml_fast.benchmarks import bench_host
+    from spml_fast.benchmarks.harness import environment
+    from spml_fast.io import save_text
+    with tqdm(desc="host", unit="case", file=sys.stderr) as bar:
+        records = bench_host.run(args.quick, progress=lambda record: bar.update())
+    env = environment("cpu")
+    table = bench_host.to_markdown(records, env)
+    print(table)
+    if args.json:
+        save_text(args.json, json.dumps(dict(env=env, results=bench_host.as_dicts(records)), indent=1) + "\n")
+    if args.markdown:
+        save_text(args.markdown, table)
+    return 0
 
 
 def run_kernel_report(args) -> int:
@@ -58,6 +82,8 @@ def run_bench(args) -> int:
     import torch
     if args.suite == "kernels":
         return run_kernel_report(args)
+    if args.suite == "host":
+        return run_host_report(args)
     from tqdm import tqdm
 
     from spml_fast.benchmarks import report

@@ -65,20 +65,24 @@ import hashlib, torch, sys
 sys.path.insert(0, sys.argv[1])
 from conftest import make_problem
 from spml_fast import pixel_segment_loss
-problem = make_problem(65536, 4096, dim=64, mode=sys.argv[2], device="cuda", dtype=torch.bfloat16, num_groups=8)
+dtype = getattr(torch, sys.argv[3])
+problem = make_problem(65536, 4096, dim=64, mode=sys.argv[2], device="cuda", dtype=dtype, num_groups=8)
 e, p = problem.leaf()
 loss = pixel_segment_loss(e, p, *problem.args()[2:], kappa=10.0, backend="triton", **problem.groups)
 loss.backward()
 digest = hashlib.sha256()
-for tensor in (loss, e.grad, p.grad):
+for tensor in (loss, e.grad, p.grad):          # float32 inputs: float32 gradients, hashed before any cast
     digest.update(tensor.float().cpu().numpy().tobytes())
 print(digest.hexdigest())
 """
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["single", "set+groups"])
-def test_two_fresh_processes_give_the_same_bits(mode):
+def test_two_fresh_processes_give_the_same_bits(mode, dtype):
+    """No atomics in the loss (the own-segment term is a sorted segment sum): float32 gradients are the
+    same bits in two fresh processes."""
     tests = os.path.dirname(__file__)
-    digests = [subprocess.run([sys.executable, "-c", FRESH_PROCESS, tests, mode], capture_output=True, text=True,
-                              check=True).stdout.strip().splitlines()[-1] for _ in range(2)]
+    digests = [subprocess.run([sys.executable, "-c", FRESH_PROCESS, tests, mode, dtype], capture_output=True,
+                              text=True, check=True).stdout.strip().splitlines()[-1] for _ in range(2)]
     assert digests[0] == digests[1]

@@ -78,8 +78,19 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         own_scale = (inputs.kappa * pixel_grad * own_grad)[:, None]                # [N, 1]
         grad_embeddings += own_scale * prototypes.to(dtype).index_select(0, inputs.segment)
         own_terms = torch.where(participating[:, None], own_scale * embeddings.to(dtype), 0.0)
-        grad_prototypes.index_add_(0, inputs.segment, own_terms)
+        grad_prototypes += segment_sum_sorted(own_terms, inputs.segment, grad_prototypes.shape[0])
         return grad_embeddings.to(embeddings.dtype), grad_prototypes.to(prototypes.dtype), None, None
+
+
+def segment_sum_sorted(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """values [N, D] float, segment [N] int64 in [0, M) -> [M, D]: the sum of each segment's rows, in the
+    pixels' order, with no atomics (``index_add_`` adds in whatever order the GPU's atomics land, so its
+    float sums change from run to run). A stable sort by segment, then one sequential reduction per
+    output element (``torch.segment_reduce``); the counts are integer sums, exact in any order."""
+    order = torch.argsort(segment, stable=True)
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=segment.device).scatter_add_(
+        0, segment, torch.ones_like(segment))
+    return torch.segment_reduce(values.index_select(0, order), "sum", lengths=counts, unsafe=True)
 
 
 def pixel_segment_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, segment: torch.Tensor,

@@ -1,0 +1,46 @@
+"""`spml-fast bench host`: the GPU path's host side (every Triton launch a no-op): ATen calls,
+synchronising operations and host time per loss call and per SPML step."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from spml_fast.benchmarks.bench_host import _case, kernels_stubbed, loss_call
+from spml_fast.benchmarks.host_cost import HostCost
+
+
+def test_bench_host_quick_reports_every_case(tmp_path):
+    out = tmp_path / "host.json"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "spml_fast", "bench", "host", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in records] == ["single-N16k-M1k-bf16", "spml-step-crop128"]
+    for record in records:
+        assert record["aten_calls"] > 0 and record["host_ms"] > 0
+        assert record["sync_ops"] == sum(record["sync_by_op"].values())
+    assert "| spml-step-crop128 |" in done.stdout
+
+
+def test_stubs_are_removed_after_the_block():
+    import spml_fast.triton_kernels.pixel_segment_fwd as forward
+    from spml_fast.ops import dispatch
+    kernel, interpreting = forward.pixel_segment_lse_kernel, dispatch.interpreting
+    with kernels_stubbed():
+        assert forward.pixel_segment_lse_kernel is not kernel
+    assert forward.pixel_segment_lse_kernel is kernel and dispatch.interpreting is interpreting
+
+
+@pytest.mark.xfail(strict=True, reason="the loss's visit plan is still built with host synchronisations "
+                                       "(unique, nonzero, .item(): see bench host); strict: passes -> remove")
+def test_a_loss_call_performs_no_synchronising_operation():
+    with kernels_stubbed():
+        call = loss_call(_case("q", 16384, 1024, dtype="bfloat16", images=8))
+        call()
+        with HostCost() as cost:
+            call()
+    assert cost.sync_ops == 0 and cost.aten_calls <= 150, (cost.aten_calls, dict(cost.sync_by_op))
