@@ -78,7 +78,7 @@ def kernels_stubbed(loss_only: bool = False):
     else:
         patch(dispatch, "interpreting", lambda: True)
     try:
-        with (contextlib.nullcontext() if loss_only else dispatch.use_backend("triton")):
+        with dispatch.use_backend("torch" if loss_only else "triton"):
             yield
     finally:
         for module, name, value in reversed(saved):
@@ -97,7 +97,7 @@ def loss_call(case: dict):
     return call
 
 
-def spml_step(crop: int):
+def spml_step(crop: int, images: int = 2):
     from spml_fast.config import PRESETS
     from spml_fast.objective import compute
     from spml_fast.relations import MemoryBank
@@ -107,11 +107,11 @@ def spml_step(crop: int):
     torch.manual_seed(0)
     model = SpmlModel(config, 6).train()
     bank = MemoryBank(config.relations.memory_bank)
-    batch = prepared_batch(dict(crop=crop, batch=2), config, "cpu")
+    batch = prepared_batch(dict(crop=crop, batch=images), config, "cpu")
     counter = [0]
 
     def call():
-        batch["image_ids"] = torch.arange(2) + 2 * counter[0]
+        batch["image_ids"] = torch.arange(images) + images * counter[0]
         counter[0] += 1
         total, _, local = compute(model, batch, bank, config, 6)
         total.backward()

@@ -289,6 +289,66 @@ def to_markdown(reports: list[dict], environment: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fractions(case: str, describe: dict) -> dict:
+    visited = describe["uniform_tiles"] + describe["masked_tiles"]
+    return dict(case=case, pixels=describe["pixels"], prototypes=describe["prototypes"], dense=describe["dense_tiles"],
+                visited=visited, uniform=describe["uniform_tiles"], masked=describe["masked_tiles"],
+                masked_of_visited=round(describe["masked_tiles"] / max(1, visited), 4),
+                skipped_of_dense=round(1 - visited / max(1, describe["dense_tiles"]), 4))
+
+
+def relation_plans(crop: int = 512, images: int = 8) -> list[dict]:
+    """The visit plans of one SPML training step as the trainer makes them (the preset's relations I, C,
+    O with the memory bank, ``images`` crops of ``crop``), at the sm90 tiles: built for real, the loss's
+    kernels stubbed. [(relation, plan.describe())] in call order, I the call with groups."""
+    from spml_fast.ops import pixel_segment_triton
+    from .bench_host import kernels_stubbed, spml_step
+    plans = []
+    real = pixel_segment_triton.build_plan
+
+    def recording(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, block_n, block_m):
+        from spml_fast.triton_kernels.configs import CONTRAST
+        sm90 = CONTRAST[("sm90", 128)]
+        plan = real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, sm90.block_n,
+                    sm90.block_m)
+        kind = "I" if pixel_groups is not None else ("O" if pixel_labels.dim() == 2 else "C")
+        plans.append((kind, plan.describe()))
+        return real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, block_n, block_m)
+    pixel_segment_triton.build_plan = recording
+    try:
+        with kernels_stubbed(loss_only=True):
+            call = spml_step(crop, images)
+            call()
+            plans.clear()
+            call()                                   # the memory bank holds earlier batches now
+    finally:
+        pixel_segment_triton.build_plan = real
+    return plans
+
+
+def tile_fractions() -> list[dict]:
+    """Uniform, masked and skipped tile pairs of the loss's visit plan at the sm90 tiles (64 x 128): the
+    standard case (N = 262,144 pixels of 8 images, M = 8,192 segments, 21 classes) in single-label and set
+    mode, and the relations of an SPML step as the trainer calls them."""
+    from .bench_loss import _case, visit_plan
+    standard = dict(num_pixels=262144, num_segments=8192, dtype="bfloat16", images=8)
+    rows = [_fractions("standard, single label", visit_plan(_case("s", **standard))),
+            _fractions("standard, set mode (tags)", visit_plan(_case("s", mode="set", **standard)))]
+    rows += [_fractions(f"SPML step, relation {kind} (8 x 512 crops)", describe) for kind, describe in relation_plans()]
+    return rows
+
+
+def fractions_markdown(rows: list[dict]) -> str:
+    lines = ["Visit plans at the sm90 tiles (64 x 128): tile pairs of a dense sweep, visited (uniform = unmasked "
+             "loop, masked), masked share of the visited, skipped share of the dense sweep.", "",
+             "| case | pixels | segments | dense | uniform | masked | masked / visited | skipped / dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['pixels']} | {r['prototypes']} | {r['dense']} | {r['uniform']} | "
+                     f"{r['masked']} | {100 * r['masked_of_visited']:.1f} % | {100 * r['skipped_of_dense']:.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def environment() -> dict:
     import triton
     return dict(triton=f"triton {triton.__version__}")

@@ -68,10 +68,12 @@ def run_kernel_report(args) -> int:
     with tqdm(desc="compile", unit="kernel", file=sys.stderr) as bar:
         reports = kernel_report.as_dicts(kernel_report.run(progress=lambda r: bar.update()))
     environment = kernel_report.environment()
-    table = kernel_report.to_markdown(reports, environment)
+    fractions = kernel_report.tile_fractions()
+    table = kernel_report.to_markdown(reports, environment) + "\n" + kernel_report.fractions_markdown(fractions)
     print(table)
     if args.json:
-        save_text(args.json, json.dumps(dict(environment=environment, kernels=reports), indent=1) + "\n")
+        save_text(args.json, json.dumps(dict(environment=environment, kernels=reports, tile_fractions=fractions),
+                                        indent=1) + "\n")
     if args.markdown:
         save_text(args.markdown, table)
     failed = [r for r in reports if r.get("error")]

@@ -44,3 +44,17 @@ def test_a_loss_call_performs_no_synchronising_operation():
         with HostCost() as cost:
             call()
     assert cost.sync_ops == 0 and cost.aten_calls <= 150, (cost.aten_calls, dict(cost.sync_by_op))
+
+
+def test_visit_plans_of_a_training_step_are_recorded_per_relation():
+    from spml_fast.benchmarks.kernel_report import _fractions, relation_plans
+    from spml_fast.ops import pixel_segment_triton
+    builder = pixel_segment_triton.build_plan
+    plans = relation_plans(crop=128, images=2)
+    assert pixel_segment_triton.build_plan is builder
+    assert sorted(kind for kind, _ in plans) == ["C", "I", "O"]
+    for kind, describe in plans:
+        assert describe["block_n"] == 64 and describe["block_m"] == 128          # the sm90 tiles
+        row = _fractions(kind, describe)
+        assert row["visited"] == row["uniform"] + row["masked"] <= row["dense"]
+        assert 0.0 <= row["masked_of_visited"] <= 1.0 and 0.0 <= row["skipped_of_dense"] <= 1.0
