@@ -48,8 +48,18 @@ class HostRecord:
 
 
 class _NoLaunch:
+    """A launch that does no work but leaves its float buffers at 1.0 (outside any dispatch mode, so the
+    count does not see it): plausible sums, so that no fallback path fires on uninitialised memory (the
+    loss recomputes rows whose negative sum underflowed)."""
+
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, **kwargs):
+            from torch.utils._python_dispatch import _disable_current_modes
+            with _disable_current_modes():
+                for value in args:
+                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                        value.fill_(1.0)
+        return launch
 
 
 @contextlib.contextmanager
