@@ -108,25 +108,13 @@ def loss_call(case: dict):
 
 
 def spml_step(crop: int, images: int = 2):
+    """One training step of the SPML preset (forward, relations, backward; no update)."""
     from spml_fast.config import PRESETS
-    from spml_fast.objective import compute
-    from spml_fast.relations import MemoryBank
-    from spml_fast.train import SpmlModel
     from .bench_objectives import prepared_batch
+    from .bench_train_step import training_step
     config = PRESETS["synthetic-scribble-spml"]
-    torch.manual_seed(0)
-    model = SpmlModel(config, 6).train()
-    bank = MemoryBank(config.relations.memory_bank)
-    batch = prepared_batch(dict(crop=crop, batch=images), config, "cpu")
-    counter = [0]
-
-    def call():
-        batch["image_ids"] = torch.arange(images) + images * counter[0]
-        counter[0] += 1
-        total, _, local = compute(model, batch, bank, config, 6)
-        total.backward()
-        bank.push(local)
-    return call
+    return training_step(config, prepared_batch(dict(crop=crop, batch=images), config, "cpu"), "cpu",
+                         optimise=False)[1]
 
 
 STEP = "spml-step"     # cases named so: a whole training step, only the loss on its (stubbed) Triton path

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .bench_train_step import _batch
+from .bench_train_step import _batch, training_step
 
 SUITE = "objectives"
 BASELINE = "pce"
@@ -46,28 +46,9 @@ def prepared_batch(case: dict, config, device: str) -> dict:
 
 
 def _model_and_step(case: dict, objective: str, device: str):
-    from spml_fast.objective import compute
-    from spml_fast.relations import MemoryBank
-    from spml_fast.train import SpmlModel
     config = _config(objective)
-    torch.manual_seed(0)
-    model = SpmlModel(config, 6).to(device).train()
-    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    bank = MemoryBank(config.relations.memory_bank)
     batch = prepared_batch(case, config, device)
-    counter = [0]
-
-    def step():
-        batch["image_ids"] = torch.arange(case["batch"], device=device) + counter[0] * case["batch"]
-        counter[0] += 1
-        total, terms, local = compute(model, batch, bank, config, 6)
-        optimiser.zero_grad(set_to_none=True)
-        total.backward()
-        optimiser.step()
-        bank.push(local)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return total.detach()
+    model, step = training_step(config, batch, device)
     return model, batch, config, step
 
 

@@ -52,32 +52,42 @@ def _batch(case, device):
                 valid=torch.ones(batch, crop, crop, dtype=torch.bool, device=device), tags=tags.to(device))
 
 
+def training_step(config, batch: dict, device: str, optimise: bool = True):
+    """(model, step) for one full training step of ``config`` on ``batch`` (6 classes): forward, the
+    objective, backward, and with ``optimise`` the SGD update; the memory bank gets each step's segments
+    and ``image_ids`` advance per call. Shared by the train-step, objectives and host suites."""
+    from spml_fast.objective import compute
+    from spml_fast.relations import MemoryBank
+    from spml_fast.train import SpmlModel
+    torch.manual_seed(0)
+    model = SpmlModel(config, 6).to(device).train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    bank = MemoryBank(config.relations.memory_bank)
+    images = batch["image"].shape[0]
+    counter = [0]
+
+    def step():
+        batch["image_ids"] = torch.arange(images, device=device) + counter[0] * images
+        counter[0] += 1
+        total, terms, local = compute(model, batch, bank, config, 6)
+        if optimise:
+            optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        if optimise:
+            optimiser.step()
+        bank.push(local)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return total.detach()
+    return model, step
+
+
 def _step(loss_impl: str):
     def make(case, device):
         from spml_fast.config import PRESETS
-        from spml_fast.relations import MemoryBank
-        from spml_fast.objective import compute
-        from spml_fast.train import SpmlModel
         config = PRESETS["synthetic-scribble-spml"]      # the relations alone: the N x M work
         config = replace(config, relations=replace(config.relations, loss_impl=loss_impl))
-        torch.manual_seed(0)
-        model = SpmlModel(config, 6).to(device).train()
-        optimiser = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        bank = MemoryBank(config.relations.memory_bank)
-        batch = _batch(case, device)
-        counter = [0]
-
-        def step():
-            batch["image_ids"] = torch.arange(case["batch"], device=device) + counter[0] * case["batch"]
-            counter[0] += 1
-            total, terms, local = compute(model, batch, bank, config, 6)
-            optimiser.zero_grad(set_to_none=True)
-            total.backward()
-            optimiser.step()
-            bank.push(local)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return total.detach()
+        step = training_step(config, _batch(case, device), device)[1]
         step()      # an earlier batch in the memory bank (the warm-up adds a second), not timed
         return step
     return make
