@@ -297,9 +297,9 @@ def _fractions(case: str, describe: dict) -> dict:
                 skipped_of_dense=round(1 - visited / max(1, describe["dense_tiles"]), 4))
 
 
-def relation_plans(crop: int = 512, images: int = 8) -> list[dict]:
+def relation_plans(side: int = 512, images: int = 8) -> list[dict]:
     """The visit plans of one SPML training step as the trainer makes them (the preset's relations I, C,
-    O with the memory bank, ``images`` crops of ``crop``), at the sm90 tiles: built for real, the loss's
+    O with the memory bank, ``images`` crops of ``side`` x ``side``), at the sm90 tiles: built for real, the loss's
     kernels stubbed. [(relation, plan.describe())] in call order, I the call with groups."""
     from spml_fast.ops import pixel_segment_triton
     from .bench_host import kernels_stubbed, spml_step
@@ -317,7 +317,7 @@ def relation_plans(crop: int = 512, images: int = 8) -> list[dict]:
     pixel_segment_triton.build_plan = recording
     try:
         with kernels_stubbed(loss_only=True):
-            call = spml_step(crop, images)
+            call = spml_step(side, images)
             call()
             plans.clear()
             call()                                   # the memory bank holds earlier batches now

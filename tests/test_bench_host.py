@@ -50,7 +50,7 @@ def test_visit_plans_of_a_training_step_are_recorded_per_relation():
     from spml_fast.benchmarks.kernel_report import _fractions, relation_plans
     from spml_fast.ops import pixel_segment_triton
     builder = pixel_segment_triton.build_plan
-    plans = relation_plans(crop=128, images=2)
+    plans = relation_plans(side=128, images=2)
     assert pixel_segment_triton.build_plan is builder
     assert sorted(kind for kind, _ in plans) == ["C", "I", "O"]
     for kind, describe in plans:
