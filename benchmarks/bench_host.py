@@ -6,7 +6,9 @@ call as it runs on a GPU. Per case, one forward + backward:
 - ``sync_ops``: those that would make the host wait for a GPU (``.item()``,
   ``nonzero``, ``unique``, boolean indexing, ``repeat_interleave`` with
   tensor counts, ...), by operator in ``sync_by_op``;
-- ``host_ms``: the host time of the call (median of the repeats).
+- ``host_ms``: the time of the call on this CPU (median of the repeats):
+  everything but the kernels, tensor ops included, which on a GPU run on
+  the device, queued; an upper bound of the host's share there.
 
 Cases: the loss at the standard size (N = 262,144 pixels from 8 images,
 M = 8,192 segments, 21 classes, D = 64, bf16; single label, tag sets,
@@ -158,7 +160,9 @@ def run(quick: bool = False, progress=None) -> list[HostRecord]:
 def to_markdown(records: list[HostRecord], environment: dict) -> str:
     lines = [f"Host cost of the Triton path with every launch a no-op ({environment.get('device', '')}, "
              f"{environment.get('threads', '')} threads, commit {environment.get('git_commit', '')}). "
-             "Per forward + backward: ATen calls, synchronising operations, host time.", "",
+             "Per forward + backward: ATen calls, synchronising operations, and the CPU time of everything "
+             "but the kernels (on a GPU those tensor ops run on the device, queued: only the syncs make the host "
+             "wait).", "",
              "| case | ATen calls | sync ops | host ms | sync ops by operator |", "|---|---|---|---|---|"]
     for record in records:
         by_op = ", ".join(f"{name} {count}" for name, count in sorted(record.sync_by_op.items()))
