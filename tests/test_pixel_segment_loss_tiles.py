@@ -49,10 +49,11 @@ print(hashlib.sha256(b"".join(t.numpy().tobytes() for t in (loss.detach(), e.gra
 """
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=NEEDS_TRITON)])
+ON_THE_CPU_ONLY = pytest.mark.skipif(not TRITON_ON_CPU, reason="on a GPU: test_gpu_kernels compares fresh processes")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[NEEDS_TRITON, ON_THE_CPU_ONLY])])
 def test_float32_gradients_are_the_same_bits_run_to_run_on_the_cpu(backend):
-    if backend == "triton" and not TRITON_ON_CPU:
-        pytest.skip("on a GPU: test_gpu_kernels compares fresh processes")
     tests = os.path.dirname(__file__)
     digests = {subprocess.run([sys.executable, "-c", RUN_TWICE, tests, backend], capture_output=True, text=True,
                               check=True, env=dict(os.environ)).stdout.strip().splitlines()[-1] for _ in range(2)}

@@ -71,3 +71,19 @@ def select_backend(backend: str, reference: torch.Tensor) -> str:
 def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     """float32 for float32 / bfloat16 / float16 inputs; float64 stays float64 (gradcheck)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+TREE_BACKENDS = ("auto", "host", "triton")
+
+
+def select_tree_backend(backend: str, reference: torch.Tensor) -> str:
+    """Resolve ``backend`` for the spanning-tree ops ("host" | "triton"). Their kernels walk a tree node by
+    node, far too slow for Triton's interpreter on real sizes, so "auto" takes Triton only for CUDA tensors
+    or inside ``use_backend("triton")`` (the tests and the host-cost benchmark), never merely because
+    TRITON_INTERPRET=1 is set."""
+    if backend not in TREE_BACKENDS:
+        raise ValueError(f"backend must be one of {TREE_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "triton" if reference.is_cuda or _AUTO_OVERRIDE.get() == "triton" else "host"
+

@@ -28,17 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .dispatch import select_tree_backend
+
 CUT = 1e4          # distance of an edge that touches a padding pixel: affinity 0, nothing crosses it
-TREE_BACKENDS = ("auto", "host", "triton")
 
 
 def use_triton(backend: str, tensor: torch.Tensor) -> bool:
-    """Whether the tree ops take their Triton path: ``backend`` "triton", or "auto" with CUDA tensors or
-    inside ``dispatch.use_backend("triton")`` (the interpreter on the CPU)."""
-    from .dispatch import _AUTO_OVERRIDE
-    if backend not in TREE_BACKENDS:
-        raise ValueError(f"backend must be one of {TREE_BACKENDS}, got {backend!r}")
-    return backend == "triton" or (backend == "auto" and (tensor.is_cuda or _AUTO_OVERRIDE.get() == "triton"))
+    """Whether the tree ops take their Triton path (``dispatch.select_tree_backend``)."""
+    return select_tree_backend(backend, tensor) == "triton"
 
 
 @dataclass
