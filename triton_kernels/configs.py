@@ -37,7 +37,8 @@ class ContrastConfig:
     forward: Launch
     grad_embeddings: Launch
     grad_prototypes: Launch
-    entries_per_split: int          # dP: pixel tiles per program (partial sums, no atomics)
+    entries_per_split: int          # dP: fewest pixel tiles per program of a dense column (partial sums)
+    dp_programs: int                # dP: programs to aim for in all (about 4 per SM)
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,16 @@ class NearestConfig:
 # problems still have several tiles, uniform and masked). D > 256 takes the tiled PyTorch path
 # (ops/dispatch.py): dP's [BLOCK_M, D] float32 accumulator spills at D = 512 at any tile size.
 CONTRAST = {
-    ("interpret", 256): ContrastConfig(16, 16, Launch(1, 1), Launch(1, 1), Launch(1, 1), entries_per_split=2),
-    ("sm90", 128): ContrastConfig(64, 128, Launch(4, 2), Launch(4, 2), Launch(8, 2), entries_per_split=128),
-    ("sm90", 256): ContrastConfig(16, 64, Launch(4, 1), Launch(4, 1), Launch(4, 1), entries_per_split=128),
-    ("sm80", 128): ContrastConfig(64, 64, Launch(4, 2), Launch(4, 2), Launch(4, 2), entries_per_split=128),
-    ("sm80", 256): ContrastConfig(32, 64, Launch(4, 1), Launch(4, 1), Launch(4, 1), entries_per_split=128),
+    ("interpret", 256): ContrastConfig(16, 16, Launch(1, 1), Launch(1, 1), Launch(1, 1), entries_per_split=2,
+                                          dp_programs=8),
+    ("sm90", 128): ContrastConfig(64, 128, Launch(4, 2), Launch(4, 2), Launch(8, 2), entries_per_split=32,
+                                  dp_programs=528),
+    ("sm90", 256): ContrastConfig(16, 64, Launch(4, 1), Launch(4, 1), Launch(4, 1), entries_per_split=32,
+                                  dp_programs=528),
+    ("sm80", 128): ContrastConfig(64, 64, Launch(4, 2), Launch(4, 2), Launch(4, 2), entries_per_split=32,
+                                  dp_programs=432),
+    ("sm80", 256): ContrastConfig(32, 64, Launch(4, 1), Launch(4, 1), Launch(4, 1), entries_per_split=32,
+                                  dp_programs=432),
 }
 NEAREST = {
     ("interpret", 256): NearestConfig(32, 32, Launch(1, 1)),

@@ -14,9 +14,13 @@ Two kernels rather than one kernel with atomics:
 - ``grad_embeddings_kernel``: a program per pixel tile walks its visit list
   (as the forward) and accumulates dE = G @ P in registers;
 - ``grad_prototypes_kernel``: a program per (prototype tile, split of its
-  visit list) computes the transposed tile G^T = (P E^T) directly, like the
-  fused-attention dK/dV kernel, and accumulates dP = G^T @ E; the splits
-  write float32 partials [S, m_pad, BLOCK_D], summed afterwards.
+  visit row) computes the transposed tile G^T = (P E^T) directly, like the
+  fused-attention dK/dV kernel, and accumulates dP = G^T @ E; S splits
+  (fixed from the shapes), each taking 1/S of its column's visits, write
+  float32 partials [S, m_pad, BLOCK_D], summed afterwards in split order.
+Each kernel has the forward's three passes: uniform tiles (one offset and
+factor per row), excluding tiles (the same, own segment and empty slots
+zeroed), masked tiles (per-pair membership).
 Atomics on dP would make float32 sums depend on scheduling order; with two
 kernels and a fixed visit order training stays bit-reproducible, which
 resuming a killed run exactly relies on.
@@ -27,22 +31,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_membership
+from .utils import (LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
+                    visit_bounds)
 
 
 @triton.jit
-def _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative, factor_positive):
-    """G of a masked tile; offsets and factors already broadcast to the tile."""
-    offset = tl.where(positive, offset_positive, offset_negative)
-    factor = tl.where(positive, factor_positive, tl.where(negative, factor_negative, 0.0))
+def _one_set_grad(logits, is_positive, offset_negative, offset_positive, factor_negative, factor_positive,
+                  TRANSPOSED: tl.constexpr):
+    """G of a tile whose pairs are all in one set (``is_positive``, a scalar): one offset and one factor
+    per pixel; logits -inf where excluded."""
+    offset = _per_pixel(tl.where(is_positive, offset_positive, offset_negative), TRANSPOSED)
+    factor = _per_pixel(tl.where(is_positive, factor_positive, factor_negative), TRANSPOSED)
+    return tl.math.exp2(logits - offset) * factor
+
+
+@triton.jit
+def _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative, factor_positive,
+                 TRANSPOSED: tl.constexpr):
+    """G of a masked tile; per-pixel offsets and factors [pixels]."""
+    offset = tl.where(positive, _per_pixel(offset_positive, TRANSPOSED), _per_pixel(offset_negative, TRANSPOSED))
+    factor = tl.where(positive, _per_pixel(factor_positive, TRANSPOSED),
+                      tl.where(negative, _per_pixel(factor_negative, TRANSPOSED), 0.0))
     return tl.math.exp2(tl.where(positive | negative, logits, float("-inf")) - offset) * factor
+
+
+@triton.jit
+def _load_stats(row_stats, offs_n):
+    """(offset S-, offset S+, factor S-, factor S+) of a tile's pixels, [pixels] float32 each."""
+    row = row_stats + offs_n * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
 
 
 @triton.jit
 def grad_embeddings_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
-    row_ptr, row_split, row_entries, row_stats, grad_out,      # grad_out [n_pad, BLOCK_D] float32
+    visit_entries, visit_counts, tiles_m, row_stats, grad_out,      # grad_out [n_pad, BLOCK_D] float32
     scale,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -50,35 +74,41 @@ def grad_embeddings_kernel(
     tile = tl.program_id(0)
     offs_n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     pixels = load_tile(embeddings, offs_n, BLOCK_D)
-    own, member_lo, member_hi, positive_lo, positive_hi = load_row_ranges(pixel_ranges, offs_n)
-    offset_negative = tl.load(row_stats + offs_n * 4)
-    offset_positive = tl.load(row_stats + offs_n * 4 + 1)
-    factor_negative = tl.load(row_stats + offs_n * 4 + 2)
-    factor_positive = tl.load(row_stats + offs_n * 4 + 3)
-    first, split, last = tl.load(row_ptr + tile), tl.load(row_split + tile), tl.load(row_ptr + tile + 1)
+    own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
+    offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+    entries, uniform_end, excluding_end, masked_end = visit_bounds(visit_entries, visit_counts, tile, tiles_m)
     accumulator = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                  # dE tile
 
     # Pass 1: uniform tiles: one offset and one factor per row.
-    for visit in range(first, split):
-        entry = tl.load(row_entries + visit)
+    for visit in range(0, uniform_end):
+        entry = tl.load(entries + visit)
+        offs_m = (entry >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        prototype_tile = load_tile(prototypes, offs_m, BLOCK_D)
+        logits = dot(pixels, tl.trans(prototype_tile), IEEE) * scale
+        grad = _one_set_grad(logits, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
+                             factor_positive, False)
+        accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
+
+    # Pass 2: uniform tiles less the own segment and the empty slots.
+    for visit in range(uniform_end, excluding_end):
+        entry = tl.load(entries + visit)
         offs_m = (entry >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         prototype_tile = load_tile(prototypes, offs_m, BLOCK_D)
         similarity = dot(pixels, tl.trans(prototype_tile), IEEE)
-        is_positive = (entry & 1) != 0
-        offset = tl.where(is_positive, offset_positive, offset_negative)
-        factor = tl.where(is_positive, factor_positive, factor_negative)
-        grad = tl.math.exp2(similarity * scale - offset[:, None]) * factor[:, None]
+        logits = tl.where(tile_partners(offs_m, own, lo, width, False), similarity * scale, float("-inf"))
+        grad = _one_set_grad(logits, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
+                             factor_positive, False)
         accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
 
-    # Pass 2: masked tiles.
-    for visit in range(split, last):
-        offs_m = (tl.load(row_entries + visit) >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Pass 3: masked tiles.
+    for visit in range(excluding_end, masked_end):
+        offs_m = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         prototype_tile = load_tile(prototypes, offs_m, BLOCK_D)
-        similarity = dot(pixels, tl.trans(prototype_tile), IEEE)
-        positive, negative = tile_membership(offs_n, offs_m, own, member_lo, member_hi, positive_lo, positive_hi,
+        logits = dot(pixels, tl.trans(prototype_tile), IEEE) * scale
+        positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
                                              pixel_words, prototype_words, SET_MODE, NUM_WORDS, False)
-        grad = _masked_grad(similarity * scale, positive, negative, offset_negative[:, None],
-                            offset_positive[:, None], factor_negative[:, None], factor_positive[:, None])
+        grad = _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative,
+                            factor_positive, False)
         accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
     tl.store(grad_out + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], accumulator)
 
@@ -87,8 +117,8 @@ def grad_embeddings_kernel(
 def grad_prototypes_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
-    col_ptr, col_split, col_entries, row_stats, partial_out,   # partial_out [S, m_pad, BLOCK_D] float32
-    scale, entries_per_split, m_pad,
+    visit_entries, visit_counts, tiles_n, row_stats, partial_out,   # partial_out [S, m_pad, BLOCK_D] float32
+    scale, m_pad,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -96,38 +126,58 @@ def grad_prototypes_kernel(
     split_index = tl.program_id(1)
     offs_m = tile.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     prototype_tile = load_tile(prototypes, offs_m, BLOCK_D)
-    begin = tl.load(col_ptr + tile) + split_index * entries_per_split
-    end = tl.minimum(begin + entries_per_split, tl.load(col_ptr + tile + 1))
-    uniform_end = tl.maximum(tl.minimum(tl.load(col_split + tile), end), begin)
+    entries, uniform_end, excluding_end, masked_end = visit_bounds(visit_entries, visit_counts, tile, tiles_n)
+    share = tl.cdiv(masked_end, tl.num_programs(1))                     # this split: visits [begin, end)
+    begin = split_index * share
+    end = tl.minimum(begin + share, masked_end)
     accumulator = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)                  # dP tile
 
     # Pass 1: uniform tiles. The tile is [prototypes, pixels]: per-pixel stats broadcast along columns.
-    for visit in range(begin, uniform_end):
-        entry = tl.load(col_entries + visit)
+    for visit in range(begin, tl.minimum(uniform_end, end)):
+        entry = tl.load(entries + visit)
         offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        which = entry & 1                                                   # 1: the positive stats
-        offset = tl.load(row_stats + offs_n * 4 + which)
-        factor = tl.load(row_stats + offs_n * 4 + 2 + which)
-        similarity_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE)     # [BM, BN]
-        grad_t = tl.math.exp2(similarity_t * scale - offset[None, :]) * factor[None, :]
+        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale     # [BM, BN]
+        grad_t = _one_set_grad(logits_t, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
+                               factor_positive, True)
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
 
-    # Pass 2: masked tiles.
-    for visit in range(uniform_end, end):
-        offs_n = (tl.load(col_entries + visit) >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Pass 2: uniform tiles less the own segment and the empty slots.
+    for visit in range(tl.maximum(begin, uniform_end), tl.minimum(excluding_end, end)):
+        entry = tl.load(entries + visit)
+        offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
+        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
         similarity_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE)
-        own, member_lo, member_hi, positive_lo, positive_hi = load_row_ranges(pixel_ranges, offs_n)
-        positive, negative = tile_membership(offs_n, offs_m, own, member_lo, member_hi, positive_lo, positive_hi,
+        logits_t = tl.where(tile_partners(offs_m, own, lo, width, True), similarity_t * scale, float("-inf"))
+        grad_t = _one_set_grad(logits_t, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
+                               factor_positive, True)
+        accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
+
+    # Pass 3: masked tiles.
+    for visit in range(tl.maximum(begin, excluding_end), end):
+        offs_n = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
+        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
+        logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale
+        positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
                                              pixel_words, prototype_words, SET_MODE, NUM_WORDS, True)
-        grad_t = _masked_grad(similarity_t * scale, positive, negative,
-                              tl.load(row_stats + offs_n * 4)[None, :], tl.load(row_stats + offs_n * 4 + 1)[None, :],
-                              tl.load(row_stats + offs_n * 4 + 2)[None, :],
-                              tl.load(row_stats + offs_n * 4 + 3)[None, :])
+        grad_t = _masked_grad(logits_t, positive, negative, offset_negative, offset_positive, factor_negative,
+                              factor_positive, True)
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
     tl.store(partial_out + (split_index.to(tl.int64) * m_pad + offs_m[:, None]) * BLOCK_D
              + tl.arange(0, BLOCK_D)[None, :], accumulator)
+
+
+def prototype_splits(tiles_n: int, tiles_m: int, config) -> int:
+    """Programs per prototype tile of the dP kernel, from the shapes only (the same split, hence the same
+    float32 sums, in every call of a shape): about ``config.dp_programs`` programs in all, each with at
+    least ``config.entries_per_split`` pixel tiles when the column is dense."""
+    wanted = -(-config.dp_programs // max(1, tiles_m))
+    return max(1, min(wanted, -(-tiles_n // config.entries_per_split)))
 
 
 def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor, plan, config,
@@ -139,21 +189,19 @@ def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototype
     n_pad, block_d = sorted_embeddings.shape
     m_pad = sorted_prototypes.shape[0]
     device = sorted_embeddings.device
-    meta = (plan.pixel_ranges, plan.pixel_key, plan.prototype_key)
+    meta = (plan.pixel_ranges, plan.pixel_words, plan.prototype_words)
     flags = dict(SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype),
                  BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d)
     scale = kappa * LOG2E
     grad_embeddings = torch.empty(n_pad, block_d, device=device, dtype=torch.float32)
-    grad_embeddings_kernel[(n_pad // config.block_n,)](
-        sorted_embeddings, sorted_prototypes, *meta, plan.row_ptr, plan.row_split, plan.row_entries, row_stats,
+    grad_embeddings_kernel[(plan.tiles_n,)](
+        sorted_embeddings, sorted_prototypes, *meta, plan.row_entries, plan.row_counts, plan.tiles_m, row_stats,
         grad_embeddings, scale, **flags,
         num_warps=config.grad_embeddings.num_warps, num_stages=config.grad_embeddings.num_stages)
-
-    visits = (plan.col_ptr[1:] - plan.col_ptr[:-1]).to(torch.int64)
-    splits = max(1, triton.cdiv(int(visits.max()) if visits.numel() else 0, config.entries_per_split))
+    splits = prototype_splits(plan.tiles_n, plan.tiles_m, config)
     partials = torch.empty(splits, m_pad, block_d, device=device, dtype=torch.float32)
-    grad_prototypes_kernel[(m_pad // config.block_m, splits)](
-        sorted_embeddings, sorted_prototypes, *meta, plan.col_ptr, plan.col_split, plan.col_entries, row_stats,
-        partials, scale, config.entries_per_split, m_pad, **flags,
+    grad_prototypes_kernel[(plan.tiles_m, splits)](
+        sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, row_stats,
+        partials, scale, m_pad, **flags,
         num_warps=config.grad_prototypes.num_warps, num_stages=config.grad_prototypes.num_stages)
     return grad_embeddings, partials.sum(0)

@@ -71,32 +71,62 @@ def _outer(pixel_values, prototype_values, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
-def load_row_ranges(pixel_ranges, offs_n):
-    """Per pixel of a tile, from the plan (``pixel_ranges`` [n_pad, 5] int32): the own segment's sorted
-    position, the sorted range [lo, hi) of the segments it is contrasted with (its group; all
-    segments without groups), and the range of its positives (single-label mode)."""
-    row = pixel_ranges + offs_n * 5
-    return (tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4))
+def visit_bounds(visit_entries, visit_counts, tile, other_tiles):
+    """A tile's visit row in the plan's [tiles, other_tiles] int32 matrix, and the ends of its uniform,
+    excluding and masked visits (``visit_counts`` [tiles, 3] int32)."""
+    counts = visit_counts + tile * 3
+    return (visit_entries + tile.to(tl.int64) * other_tiles, tl.load(counts), tl.load(counts + 1),
+            tl.load(counts + 2))
 
 
 @triton.jit
-def tile_membership(offs_n, offs_m, own, member_lo, member_hi, positive_lo, positive_hi,
+def _per_pixel(values, TRANSPOSED: tl.constexpr):
+    """A pixel vector broadcast along the tile's segment axis."""
+    if TRANSPOSED:
+        return values[None, :]
+    else:
+        return values[:, None]
+
+
+@triton.jit
+def load_row_ranges(pixel_ranges, offs_n):
+    """Per pixel of a tile, from the plan (``pixel_ranges`` [n_pad, 5] int32 slots): the own segment's
+    slot (-1: none), the first slot and the width of the range of segments it is contrasted with (its
+    group), and of the range of its positives (single-label mode). Widths, not ends: membership is then
+    one unsigned compare, ``(column - lo) < width``."""
+    row = pixel_ranges + offs_n * 5
+    lo, positive_lo = tl.load(row + 1), tl.load(row + 3)
+    return (tl.load(row), lo, (tl.load(row + 2) - lo).to(tl.uint32, bitcast=True), positive_lo,
+            (tl.load(row + 4) - positive_lo).to(tl.uint32, bitcast=True))
+
+
+@triton.jit
+def _in_range(index, lo, width):
+    """lo <= index < lo + width, as one unsigned compare."""
+    return (index - lo).to(tl.uint32, bitcast=True) < width
+
+
+@triton.jit
+def tile_partners(offs_m, own, lo, width, TRANSPOSED: tl.constexpr):
+    """Partner mask of a tile (the segment is in the pixel's range and not its own): all the EXCLUDING
+    loop needs, since every segment there is of one set."""
+    own_, index = _outer(own, offs_m.to(tl.int32), TRANSPOSED)
+    return _in_range(index, _per_pixel(lo, TRANSPOSED), _per_pixel(width, TRANSPOSED)) & (index != own_)
+
+
+@triton.jit
+def tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
                     pixel_words, prototype_words,
                     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
     """(positive, negative) bool masks of a masked tile.
 
     Segments are sorted by (group, label), so a pixel's partners are one
-    contiguous range of sorted segments, and in single-label mode so are its
-    positives: membership is the column index against per-row bounds (loaded
-    once per program), like a causal mask; the ragged edge lies outside
-    every range. In set mode the positives are the partners whose class set
-    intersects the pixel's (int32 words). Padded pixel rows have empty
-    ranges."""
-    column = offs_m.to(tl.int32)
-    own, index = _outer(own, column, TRANSPOSED)
-    lo, _ = _outer(member_lo, column, TRANSPOSED)
-    hi, _ = _outer(member_hi, column, TRANSPOSED)
-    partner = (index >= lo) & (index < hi) & (index != own)
+    contiguous range of slots, and in single-label mode so are its positives:
+    membership is the column against per-row bounds (loaded once per program),
+    like a causal mask; empty slots lie outside every range. In set mode the
+    positives are the partners whose class set intersects the pixel's (int64
+    words). Padded pixel rows have empty ranges."""
+    partner = tile_partners(offs_m, own, lo, width, TRANSPOSED)
     if SET_MODE:
         words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS),
                                   tl.load(prototype_words + offs_m * NUM_WORDS), TRANSPOSED)
@@ -107,7 +137,6 @@ def tile_membership(offs_n, offs_m, own, member_lo, member_hi, positive_lo, posi
             shared = shared | (words_i & words_s)
         same = shared != 0
     else:
-        first, _ = _outer(positive_lo, column, TRANSPOSED)
-        last, _ = _outer(positive_hi, column, TRANSPOSED)
-        same = (index >= first) & (index < last)
+        first, index = _outer(positive_lo, offs_m.to(tl.int32), TRANSPOSED)
+        same = _in_range(index, first, _per_pixel(positive_width, TRANSPOSED))
     return partner & same, partner & (same == 0)

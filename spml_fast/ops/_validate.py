@@ -2,7 +2,11 @@
 
 Every public op validates its arguments here *before* any kernel runs, so bad
 input becomes a ``ValueError`` naming the argument instead of an
-out-of-bounds read inside a kernel.
+out-of-bounds read inside a kernel. Shapes, dtypes and devices are checked on
+the host; value ranges with a device-side assertion (``check_range``), which
+reads nothing back: on the CPU it raises at once, on CUDA the stream stops
+with a device-side assert before any kernel reads the value (as PyTorch's
+own index checks do), and a loss call never waits for the GPU.
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
+MAX_LABEL = 2 ** 31 - 1        # class ids below this (single-label mode)
+MAX_GROUP = 2 ** 30            # group ids in [0, MAX_GROUP)
 
 
 def require_tensor(name: str, tensor) -> None:
@@ -58,10 +64,18 @@ def check_index_vector(name: str, tensor, length: int, device: torch.device,
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
     tensor = tensor.to(torch.int64).contiguous()
     if upper is not None and length > 0:
-        low, high = int(tensor.min()), int(tensor.max())
-        if (low < 0 and not allow_negative) or high >= upper:
-            raise ValueError(f"{name} holds values in [{low}, {high}], outside [0, {upper})")
+        check_range(name, tensor, None if allow_negative else 0, upper)
     return tensor
+
+
+def check_range(name: str, tensor: torch.Tensor, low: Optional[int], high: int) -> None:
+    """All values in [low, high) (no lower bound for low=None), asserted on the tensor's device."""
+    inside = tensor < high if low is None else (tensor >= low) & (tensor < high)
+    try:
+        torch._assert_async(inside.all(), f"{name} holds values outside [{low}, {high})")
+    except RuntimeError:                       # the CPU raises at once: name the values found
+        raise ValueError(f"{name} holds values in [{int(tensor.min())}, {int(tensor.max())}], "
+                         f"outside [{0 if low is None else low}, {high})") from None
 
 
 def check_kappa(kappa) -> float:
@@ -129,6 +143,8 @@ def check_labels(pixel_labels, prototype_labels, num_pixels: int, num_prototypes
         for name, tensor in (("pixel_labels", pixel_labels), ("prototype_labels", prototype_labels)):
             if tensor.dtype not in INT_DTYPES:
                 raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
+            if tensor.dtype == torch.int64 and tensor.numel():
+                check_range(name, tensor, None, MAX_LABEL)     # the visit plan packs label + 1 in 32 bits
     return pixel_labels.to(torch.int64).contiguous(), prototype_labels.to(torch.int64).contiguous()
 
 
@@ -139,8 +155,8 @@ def check_groups(pixel_groups, prototype_groups, num_pixels: int, num_prototypes
         raise ValueError(f"{missing} is None but the other group tensor is given: pass both or neither")
     if pixel_groups is None:
         return None, None
-    return (check_index_vector("pixel_groups", pixel_groups, num_pixels, device),
-            check_index_vector("prototype_groups", prototype_groups, num_prototypes, device))
+    return (check_index_vector("pixel_groups", pixel_groups, num_pixels, device, upper=MAX_GROUP),
+            check_index_vector("prototype_groups", prototype_groups, num_prototypes, device, upper=MAX_GROUP))
 
 
 def check_reduction(reduction: str) -> str:

@@ -1,34 +1,45 @@
 """The visit plan of the Triton loss kernels: which (pixel tile, prototype
-tile) pairs to compute, and how.
+tile) pairs to compute, and with which loop. Built with device ops only:
+no ``.item()``, ``nonzero``, ``unique`` or boolean indexing, every size known
+from the inputs' shapes (a loss call never waits for the GPU, and a training
+step can be captured in a CUDA graph).
 
-Membership of a pair depends only on the pixel's and the segment's *types*
+Membership of a pair depends on the pixel's and the segment's *types*
 (group and label, or group and class set) and on whether the segment is the
 pixel's own. So the plan
 
-1. compacts: keeps the participating pixels (labelled ones in single-label
-   mode, all in set mode) and the segments that can take part (labelled
-   ones in single-label mode, all in set mode);
-2. sorts segments by (group, label) and pixels by (group, label, position
-   of the own segment), so that runs of equal type fill whole tiles and the
-   own segments of a pixel tile sit in one or two prototype tiles; each
-   group starts a new tile (empty slots between groups, outside every
-   pixel's partner range), so a tile never mixes two images;
-3. classifies every tile pair from per-tile summaries, never per pair:
-   SKIP (group ranges disjoint: relation I visits only its own image's
-   segments), POSITIVE / NEGATIVE (both tiles of one type, full, no own
-   segment: every pair in S+ or every pair in S-; the kernels' unmasked
-   loop, no label loads), or MASKED (a label or group boundary, an own
-   segment, or the ragged edge: the masked loop);
-4. lists the visits per pixel tile (forward, dE) and per prototype tile
-   (dP) in CSR form, uniform tiles first: entry = other tile x 2 + (1 if
-   POSITIVE);
-5. counts each pixel's positives and negatives other than its own segment in
-   O(N + M) from type histograms (the kernels need no counter in the loop).
+1. sorts segments by (group, label) / (group, class set), the ones that
+   cannot take part (unlabelled, single-label mode) last, and pixels by
+   (group, label / class set, sorted position of the own segment), the
+   non-participating ones last: a pixel's partners are then one contiguous
+   range of sorted segments (its group), and in single-label mode so are its
+   positives; the own segments of a pixel tile sit in one or two segment
+   tiles;
+2. places both orders in the kernels' padded rows ("slots"): each of the
+   first ``ALIGNED_RUNS`` groups starts on a tile boundary (the rest of its
+   last tile stays empty: zero rows, members of nothing), so that a tile
+   rarely mixes two images. The padded lengths are bounds known from N and
+   M; tiles past the data are empty and visit nothing;
+3. classifies every tile pair from per-tile summaries of the pixels' ranges,
+   never per pair:
+   - UNIFORM: for every live pixel of the tile, every segment of the tile is
+     a partner, and either all are positives or none is: the kernels'
+     unmasked loop, no label loads (POSITIVE / NEGATIVE says which set);
+   - EXCLUDING: uniform, but the tile holds a pixel's own segment or empty
+     slots past the group's end: the same loop with one column test per pair
+     (``column < partner_hi and column != own``), no label loads;
+   - MASKED: a label boundary for these pixels, a group boundary, a pixel
+     tile of several groups: membership per pair;
+   - SKIP: no partner of any of the tile's pixels in the segment tile;
+4. lists the visits of each pixel tile (forward, dE) and of each segment
+   tile (dP) as rows of a dense [tiles, other tiles] int32 matrix, sorted
+   UNIFORM, EXCLUDING, MASKED, the counts of each in ``[tiles, 3]``
+   (entry = other tile x 2 + 1 if all pairs are positives).
 
-Memory: O(N + M) for the order and keys, O(tiles_n x tiles_m) int8/int32
-for the tile kinds and the lists (N = 2^20, M = 2^14 at 64 x 128 tiles: 2 M
-entries), plus the sorted, zero-padded copies of the embeddings and
-prototypes that the kernels read without masks.
+Memory: O(N + M) for the orders, ranges and slots; 2 x tiles_n x tiles_m
+int32 for the visit matrices (N = 2^20, M = 2^14 at 64 x 128 tiles: 8 MiB
+each), plus the sorted, zero-padded copies of the embeddings and prototypes
+that the kernels read without masks (``pixel_segment_triton``).
 """
 from __future__ import annotations
 
@@ -37,266 +48,260 @@ from typing import Optional
 
 import torch
 
-from .membership import participating_pixels, row_ids
-
-SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3
+SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3            # tile kinds (tests and reports)
+UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT = 0, 1, 2, 3   # loops, in visit order
+ALIGNED_RUNS = 256        # groups that start on a tile boundary (a bound on the padding: host-known sizes)
+GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
+NOT_KEPT = torch.iinfo(torch.int64).max
+BIG = 2 ** 30
 
 
 @dataclass
 class ContrastPlan:
+    """The visit plan (module docstring). Slots: rows of the kernels' padded orders."""
+
     block_n: int
     block_m: int
-    pixel_rows: torch.Tensor            # [n] int64: original pixel index of each compacted, sorted pixel
-    pixel_slots: torch.Tensor           # [n] int64: its row in the kernels' padded order (``n_pad`` rows)
-    prototype_rows: torch.Tensor        # [m] int64: original index of each kept, sorted segment
-    prototype_slots: torch.Tensor       # [m] int64: its row in the padded order (``m_pad`` rows)
-    pixel_key: torch.Tensor             # [n_pad] int32 class, or [n_pad, W] int32 class-set words
-    prototype_key: torch.Tensor         # [m_pad] / [m_pad, W]
-    pixel_ranges: torch.Tensor          # [n_pad, 5] int32 slots: own (-1: not kept), partner range [lo, hi)
+    pixel_slot: torch.Tensor            # [N] int64: slot of each pixel (non-participating ones too)
+    prototype_slot: torch.Tensor        # [M] int64: slot of each segment
+    live_pixels: torch.Tensor           # [n_pad] bool: the slot holds a participating pixel
+    kept_prototypes: torch.Tensor       # [m_pad] bool: the slot holds a segment that can take part
+    pixel_ranges: torch.Tensor          # [n_pad, 5] int32 slots: own (-1: none), partner range [lo, hi)
                                         # (the pixel's group), positive range [lo, hi) (single-label mode)
-    row_ptr: torch.Tensor               # [tiles_n + 1] int32
-    row_split: torch.Tensor             # [tiles_n] int32: first masked entry of each row
-    row_entries: torch.Tensor           # [visits] int32: prototype tile x 2 + positive
-    col_ptr: torch.Tensor               # [tiles_m + 1] int32
-    col_split: torch.Tensor             # [tiles_m] int32
-    col_entries: torch.Tensor           # [visits] int32: pixel tile x 2 + positive
-    positive_count: torch.Tensor        # [n] int64: positives other than the own segment
-    negative_count: torch.Tensor        # [n] int64
-    dense_tiles: int                    # tile pairs a dense sweep of the uncompacted N x M visits
-    uniform_tiles: int
-    masked_tiles: int
+    pixel_words: torch.Tensor           # [n_pad, W] int64 class sets (set mode), else [1, 1]
+    prototype_words: torch.Tensor       # [m_pad, W] int64 / [1, 1]
+    row_entries: torch.Tensor           # [tiles_n, tiles_m] int32: prototype tile x 2 + positive, by loop
+    row_counts: torch.Tensor            # [tiles_n, 3] int32: ends of the uniform, excluding, masked visits
+    col_entries: torch.Tensor           # [tiles_m, tiles_n] int32: pixel tile x 2 + positive
+    col_counts: torch.Tensor            # [tiles_m, 3] int32
+    set_mode: bool
+    num_pixels: int                     # N, M of the call (the dense sweep's size)
+    num_prototypes: int
 
     @property
     def n_pad(self) -> int:
-        return self.pixel_key.shape[0]
+        return self.pixel_ranges.shape[0]
 
     @property
     def m_pad(self) -> int:
-        return self.prototype_key.shape[0]
+        return self.kept_prototypes.shape[0]
 
     @property
-    def num_pixels(self) -> int:
-        return self.pixel_rows.shape[0]
+    def tiles_n(self) -> int:
+        return self.row_entries.shape[0]
 
     @property
-    def num_prototypes(self) -> int:
-        return self.prototype_rows.shape[0]
+    def tiles_m(self) -> int:
+        return self.row_entries.shape[1]
 
     @property
     def num_words(self) -> int:
-        return self.pixel_key.shape[1] if self.pixel_key.dim() == 2 else 1
-
-    @property
-    def set_mode(self) -> bool:
-        return self.pixel_key.dim() == 2
-
-    @property
-    def visited_fraction(self) -> float:
-        return (self.uniform_tiles + self.masked_tiles) / max(1, self.dense_tiles)
+        return self.pixel_words.shape[1]
 
     def describe(self) -> dict:
-        return dict(block_n=self.block_n, block_m=self.block_m, pixels=self.num_pixels,
-                    prototypes=self.num_prototypes, dense_tiles=self.dense_tiles, uniform_tiles=self.uniform_tiles,
-                    masked_tiles=self.masked_tiles, visited_fraction=self.visited_fraction)
+        """Tile-pair counts (reads the device: for reports and tests, never in the loss)."""
+        counts = self.row_counts.long()
+        uniform, excluding, masked = (int(counts[:, 0].sum()), int((counts[:, 1] - counts[:, 0]).sum()),
+                                      int((counts[:, 2] - counts[:, 1]).sum()))
+        dense = -(-self.num_pixels // self.block_n) * -(-self.num_prototypes // self.block_m)
+        return dict(block_n=self.block_n, block_m=self.block_m, pixels=int(self.live_pixels.sum()),
+                    prototypes=int(self.kept_prototypes.sum()), dense_tiles=dense, uniform_tiles=uniform,
+                    excluding_tiles=excluding, masked_tiles=masked,
+                    visited_fraction=(uniform + excluding + masked) / max(1, dense))
+
+    def kinds(self) -> torch.Tensor:
+        """[tiles_n, tiles_m] int64 SKIP / NEGATIVE / POSITIVE / MASKED, EXCLUDING tiles as their uniform
+        kind (tests and reports; reads the device)."""
+        kinds = torch.zeros(self.tiles_n, self.tiles_m, dtype=torch.int64)
+        entries, counts = self.row_entries.cpu().long(), self.row_counts.cpu().long()
+        for row in range(self.tiles_n):
+            for visit in range(int(counts[row, 2])):
+                entry = int(entries[row, visit])
+                kinds[row, entry >> 1] = MASKED if visit >= counts[row, 1] else (POSITIVE if entry & 1 else NEGATIVE)
+        return kinds
 
 
-def _words32(pixel_sets: torch.Tensor, prototype_sets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 class-set words [*, W] -> int32 halves [*, W32], keeping only the halves that are non-zero
-    somewhere (VOC's 21 classes: one int32 word)."""
-    def halves(words):
-        low = (words & 0xFFFFFFFF).to(torch.int64)
-        high = (words >> 32) & 0xFFFFFFFF
-        return torch.stack([low, high], dim=2).reshape(words.shape[0], -1)
-    pixel_halves, prototype_halves = halves(pixel_sets), halves(prototype_sets)
-    used = (pixel_halves != 0).any(0) | (prototype_halves != 0).any(0)
-    used[0] = True
-    # int32 two's complement of the unsigned half
-    def to_int32(half):
-        return torch.where(half >= 2**31, half - 2**32, half).to(torch.int32)
-    return to_int32(pixel_halves[:, used]).contiguous(), to_int32(prototype_halves[:, used]).contiguous()
+def aligned_runs(rows: int, block: int) -> int:
+    """How many runs (groups) start on a tile boundary: at most one per tile of data, and ALIGNED_RUNS."""
+    return min(-(-rows // block), ALIGNED_RUNS)
+
+
+def padded_length(rows: int, block: int) -> int:
+    """Slots for ``rows`` rows: every row, plus less than a tile of padding per aligned run."""
+    return (-(-rows // block) + aligned_runs(rows, block)) * block
 
 
 def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labels: torch.Tensor,
                pixel_groups: Optional[torch.Tensor], prototype_groups: Optional[torch.Tensor],
                block_n: int, block_m: int) -> ContrastPlan:
-    """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled) or [N, W]/[M, W] int64 sets;
-    groups [N]/[M] int64 or None; tile sizes of the kernels that will run the plan."""
+    """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled; < 2^31) or [N, W]/[M, W]
+    int64 class sets; groups [N]/[M] int64 in [0, 2^30) or None; tile sizes of the kernels."""
     device = segment.device
     set_mode = pixel_labels.dim() == 2
     num_pixels, num_prototypes = pixel_labels.shape[0], prototype_labels.shape[0]
-    pixels = participating_pixels(pixel_labels).nonzero()[:, 0]
-    prototypes = (torch.arange(num_prototypes, device=device) if set_mode
-                  else (prototype_labels >= 0).nonzero()[:, 0])
-    n, m = pixels.shape[0], prototypes.shape[0]
+    no_groups = pixel_groups is None
 
-    # Types in one id space for pixels and prototypes: (group, label) or (group, class set).
-    zeros = torch.zeros(n + m, dtype=torch.int64, device=device)
-    groups = zeros if pixel_groups is None else torch.cat([pixel_groups[pixels], prototype_groups[prototypes]])
-    labels = torch.cat([pixel_labels[pixels], prototype_labels[prototypes]])
-    label_key = row_ids(labels) if set_mode else labels
-    types = row_ids(torch.stack([groups, label_key], 1))               # sorted by (group, label)
-    prototype_type = types[n:]
-    prototype_order = torch.argsort(prototype_type, stable=True)
-    prototype_rows = prototypes[prototype_order]
-    position = torch.full((num_prototypes,), -1, dtype=torch.int64, device=device)
-    position[prototype_rows] = torch.arange(m, device=device)
-    own = position[segment[pixels]]                                    # -1: own segment not kept
-    pixel_order = torch.argsort(row_ids(torch.stack([types[:n], own], 1)), stable=True)
-    pixel_rows = pixels[pixel_order]
-    pixel_type, prototype_type = types[:n][pixel_order], prototype_type[prototype_order]
-    own = own[pixel_order]
-    pixel_group, prototype_group = groups[:n][pixel_order], groups[n:][prototype_order]
-
+    # 1. Sort keys: one int64 (group << 32 | label + 1) in single-label mode, (group, words...) in set mode.
     if set_mode:
-        pixel_key, prototype_key = _words32(pixel_labels[pixel_rows], prototype_labels[prototype_rows])
+        pixel_live = torch.ones(num_pixels, dtype=torch.bool, device=device)
+        prototype_kept = torch.ones(num_prototypes, dtype=torch.bool, device=device)
+        pixel_group = pixel_labels.new_zeros(num_pixels) if no_groups else pixel_groups
+        prototype_group = prototype_labels.new_zeros(num_prototypes) if no_groups else prototype_groups
+        prototype_columns = [prototype_group, *prototype_labels.unbind(1)]
+        pixel_columns = [pixel_group, *pixel_labels.unbind(1)]
     else:
-        pixel_key = pixel_labels[pixel_rows].to(torch.int32)
-        prototype_key = prototype_labels[prototype_rows].to(torch.int32)
-    positive_count, negative_count = _member_counts(pixel_type, prototype_type, pixel_group, prototype_group,
-                                                    own, pixel_key, prototype_key, set_mode)
-    ranges = _pixel_ranges(pixel_type, prototype_type, pixel_group, prototype_group, own, set_mode)
+        pixel_live, prototype_kept = pixel_labels >= 0, prototype_labels >= 0
+        pixel_key = _single_key(pixel_labels, pixel_live, pixel_groups)
+        prototype_key = _single_key(prototype_labels, prototype_kept, prototype_groups)
+        prototype_columns, pixel_columns = [prototype_key], [pixel_key]
+    prototype_order = _lexsort(prototype_columns)
+    sorted_position = torch.empty_like(prototype_order)
+    sorted_position[prototype_order] = torch.arange(num_prototypes, device=device)
+    own_position = torch.where(prototype_kept[segment], sorted_position[segment], -1)
+    pixel_order = _lexsort(pixel_columns + [own_position])
 
-    # Rows of the kernels' padded order: each group starts at a tile boundary.
-    pixel_slots, pixel_slot_group, n_pad = _group_slots(pixel_group, block_n)
-    prototype_slots, prototype_slot_group, m_pad = _group_slots(prototype_group, block_m)
-    to_slot = torch.cat([prototype_slots, prototype_slots.new_zeros(1)])     # compact position -> slot
-    last = torch.cat([prototype_slots + 1, prototype_slots.new_zeros(1)])
-    own_slot = torch.where(own >= 0, to_slot[own], -1)
-    def slot_range(lo, hi):                                                   # compact [lo, hi) -> slots
-        empty = hi <= lo
-        return torch.where(empty, 0, to_slot[lo.clamp(max=m)]), torch.where(empty, 0, last[(hi - 1).clamp(min=0)])
-    member = slot_range(ranges[:, 1], ranges[:, 2])
-    positive = slot_range(ranges[:, 3], ranges[:, 4])
-    slot_ranges = torch.stack([own_slot, *member, *positive], 1).to(torch.int32)
+    # 2. Ranges in sorted segment positions, then slots.
+    kept_sorted = prototype_kept[prototype_order]
+    live_sorted = pixel_live[pixel_order]
+    if set_mode:
+        group_sorted = torch.where(kept_sorted, prototype_group[prototype_order], NOT_KEPT)
+        pixel_group_sorted = pixel_group[pixel_order]
+        positive_lo = positive_hi = torch.zeros_like(pixel_order)
+    else:
+        key_sorted = prototype_key[prototype_order]
+        group_sorted = torch.where(kept_sorted, key_sorted >> GROUP_SHIFT, NOT_KEPT)
+        pixel_key_sorted = pixel_key[pixel_order]
+        pixel_group_sorted = pixel_key_sorted >> GROUP_SHIFT
+        positive_lo = torch.searchsorted(key_sorted, pixel_key_sorted, right=False)
+        positive_hi = torch.searchsorted(key_sorted, pixel_key_sorted, right=True)
+    member_lo = torch.searchsorted(group_sorted, pixel_group_sorted, right=False)
+    member_hi = torch.searchsorted(group_sorted, pixel_group_sorted, right=True)
 
-    kinds = _tile_kinds(_scatter(pixel_type, pixel_slots, n_pad, -1), _scatter(prototype_type, prototype_slots, m_pad, -1),
-                        pixel_slot_group, prototype_slot_group,
-                        _scatter(own_slot, pixel_slots, n_pad, -1), _scatter(pixel_key, pixel_slots, n_pad, 0),
-                        _scatter(prototype_key, prototype_slots, m_pad, 0), set_mode, block_n, block_m)
-    row_ptr, row_split, row_entries = _visit_lists(kinds)
-    col_ptr, col_split, col_entries = _visit_lists(kinds.t())
-    dense = ((num_pixels + block_n - 1) // block_n) * ((num_prototypes + block_m - 1) // block_m)
-    return ContrastPlan(
-        block_n, block_m, pixel_rows, pixel_slots, prototype_rows, prototype_slots,
-        _scatter(pixel_key, pixel_slots, n_pad, 0), _scatter(prototype_key, prototype_slots, m_pad, 0),
-        _scatter(slot_ranges, pixel_slots, n_pad, 0),
-        row_ptr, row_split, row_entries, col_ptr, col_split, col_entries, positive_count, negative_count, dense,
-        int(((kinds == POSITIVE) | (kinds == NEGATIVE)).sum()), int((kinds == MASKED).sum()))
+    prototype_slot_sorted, m_pad = _slots(group_sorted, block_m)
+    pixel_slot_sorted, n_pad = _slots(torch.where(live_sorted, pixel_group_sorted, NOT_KEPT), block_n)
+    own_sorted = own_position[pixel_order]
+    to_slot = torch.cat([prototype_slot_sorted, prototype_slot_sorted.new_zeros(1)])
+
+    def slot_range(lo, hi):                                  # sorted [lo, hi) -> slots, empty -> (0, 0)
+        empty = (hi <= lo) | ~live_sorted
+        return (torch.where(empty, 0, to_slot[lo]), torch.where(empty, 0, to_slot[(hi - 1).clamp(min=0)] + 1))
+    ranges_sorted = torch.stack([torch.where(live_sorted & (own_sorted >= 0), to_slot[own_sorted.clamp(min=0)], -1),
+                                 *slot_range(member_lo, member_hi), *slot_range(positive_lo, positive_hi)], 1)
+    pixel_ranges = _place(ranges_sorted.to(torch.int32), pixel_slot_sorted, n_pad, 0)
+    live_pixels = _place(live_sorted, pixel_slot_sorted, n_pad, False)
+    kept_prototypes = _place(kept_sorted, prototype_slot_sorted, m_pad, False)
+    if set_mode:
+        pixel_words = _place(pixel_labels[pixel_order], pixel_slot_sorted, n_pad, 0)
+        prototype_words = _place(prototype_labels[prototype_order], prototype_slot_sorted, m_pad, 0)
+    else:
+        pixel_words = prototype_words = torch.zeros(1, 1, dtype=torch.int64, device=device)
+
+    # 3-4. Tile loops and visit lists.
+    loop, positive = _tile_loops(pixel_ranges, live_pixels, kept_prototypes, pixel_words, prototype_words,
+                                 set_mode, block_n, block_m)
+    row_entries, row_counts = _visit_lists(loop, positive)
+    col_entries, col_counts = _visit_lists(loop.t(), positive.t())
+    pixel_slot = torch.empty_like(pixel_order)
+    pixel_slot[pixel_order] = pixel_slot_sorted
+    prototype_slot = torch.empty_like(prototype_order)
+    prototype_slot[prototype_order] = prototype_slot_sorted
+    return ContrastPlan(block_n, block_m, pixel_slot, prototype_slot, live_pixels, kept_prototypes, pixel_ranges,
+                        pixel_words, prototype_words, row_entries, row_counts, col_entries, col_counts, set_mode,
+                        num_pixels, num_prototypes)
 
 
-def _scatter(values: torch.Tensor, slots: torch.Tensor, length: int, fill) -> torch.Tensor:
-    """values [k, ...] placed at rows ``slots`` of a [length, ...] array filled with ``fill``."""
+def _single_key(labels: torch.Tensor, kept: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
+    """[rows] int64 group << 32 | (label + 1); rows that cannot take part: NOT_KEPT (sorted last)."""
+    key = labels + 1 if groups is None else (groups << GROUP_SHIFT) | (labels + 1)
+    return torch.where(kept, key, NOT_KEPT)
+
+
+def _lexsort(columns: list[torch.Tensor]) -> torch.Tensor:
+    """Permutation sorting rows by ``columns`` (most significant first), ties in row order."""
+    order = torch.argsort(columns[-1], stable=True)
+    for column in reversed(columns[:-1]):
+        order = order[torch.argsort(column[order], stable=True)]
+    return order
+
+
+def _slots(sorted_runs: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
+    """sorted_runs [k] non-decreasing run keys -> (slot of each row [k] int64, padded length): each of
+    the first ``ALIGNED_RUNS`` runs starts at a multiple of ``block``, later runs follow unpadded."""
+    rows = sorted_runs.shape[0]
+    index = torch.arange(rows, device=sorted_runs.device)
+    starts = torch.ones_like(sorted_runs, dtype=torch.bool)
+    starts[1:] = sorted_runs[1:] != sorted_runs[:-1]
+    run = torch.cumsum(starts, 0) - 1                                       # run of each row
+    run_start = torch.cummax(torch.where(starts, index, 0), 0).values       # its first row
+    length = torch.zeros_like(index).index_add_(0, run, torch.ones_like(index))   # [rows]: runs <= rows
+    padded = torch.where(index < aligned_runs(rows, block),
+                         (length + block - 1) // block * block, length)
+    base = torch.cumsum(padded, 0) - padded
+    return base[run] + index - run_start, padded_length(rows, block)
+
+
+def _place(values: torch.Tensor, slots: torch.Tensor, length: int, fill) -> torch.Tensor:
+    """values [k, ...] at rows ``slots`` of a [length, ...] tensor filled with ``fill``."""
     out = values.new_full((length,) + tuple(values.shape[1:]), fill)
     out[slots] = values
-    return out.contiguous()
+    return out
 
 
-def _group_slots(sorted_groups: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """sorted_groups [k] non-decreasing -> (slot of each row [k], group of every slot [length], length):
-    each group starts at a multiple of ``block``; the rest of its last tile is empty slots."""
-    if sorted_groups.numel() == 0:
-        return sorted_groups.new_zeros(0), sorted_groups.new_zeros(0), 0
-    values, counts = torch.unique_consecutive(sorted_groups, return_counts=True)
-    padded = (counts + block - 1) // block * block
-    starts = torch.cumsum(padded, 0) - padded
-    index = torch.repeat_interleave(torch.arange(values.shape[0], device=sorted_groups.device), counts)
-    rank = torch.arange(sorted_groups.shape[0], device=sorted_groups.device) - (torch.cumsum(counts, 0) - counts)[index]
-    return starts[index] + rank, torch.repeat_interleave(values, padded), int(padded.sum())
+def _tile_loops(pixel_ranges, live_pixels, kept_prototypes, pixel_words, prototype_words, set_mode: bool,
+                block_n: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loop of every tile pair ([tiles_n, tiles_m] int64: UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT) and
+    whether a uniform pair is all positives ([tiles_n, tiles_m] bool), from per-tile summaries of the live
+    pixels' slot ranges. Conservative: a pair it cannot prove uniform is masked."""
+    tiles_n, tiles_m = pixel_ranges.shape[0] // block_n, kept_prototypes.shape[0] // block_m
+    live = live_pixels.view(tiles_n, block_n)
+    ranges = pixel_ranges.view(tiles_n, block_n, 5).long()
+    own, lo, hi, positive_lo, positive_hi = ranges.unbind(2)
 
+    def low(values, where=live):                                 # min over the chosen rows of each tile
+        return torch.where(where, values, BIG).amin(1)[:, None]
 
-def _pixel_ranges(pixel_type, prototype_type, pixel_group, prototype_group, own, set_mode: bool) -> torch.Tensor:
-    """[n, 5] int32 rows (own, partner lo, partner hi, positive lo, positive hi) in sorted segment
-    positions: segments are sorted by (group, label), so a group and a type are each one range."""
-    member_lo = torch.searchsorted(prototype_group, pixel_group, right=False)
-    member_hi = torch.searchsorted(prototype_group, pixel_group, right=True)
+    def high(values, where=live):
+        return torch.where(where, values, -BIG).amax(1)[:, None]
+    start = (torch.arange(tiles_m, device=live.device) * block_m)[None, :]
+    slot = torch.arange(kept_prototypes.shape[0], device=live.device)
+    kept_end = torch.where(kept_prototypes, slot + 1, 0).view(tiles_m, block_m).amax(1)[None, :]
+    kept_end = torch.maximum(kept_end, start)                    # end of the tile's kept segments
+    visit = (low(lo) < kept_end) & (high(hi) > start)            # some live pixel has a partner in the tile
+    partners = (high(lo) <= start) & (low(hi) >= kept_end)       # all its segments partners of all pixels
     if set_mode:
-        positive_lo = positive_hi = torch.zeros_like(member_lo)
+        pixel_any, pixel_all = _tile_bits(pixel_words, live, block_n)
+        prototype_any, prototype_all = _tile_bits(prototype_words, kept_prototypes.view(tiles_m, block_m), block_m)
+        all_positive = ((pixel_all[:, None, :] & prototype_all[None, :, :]) != 0).any(-1)
+        all_negative = ((pixel_any[:, None, :] & prototype_any[None, :, :]) == 0).all(-1)
     else:
-        positive_lo = torch.searchsorted(prototype_type, pixel_type, right=False)
-        positive_hi = torch.searchsorted(prototype_type, pixel_type, right=True)
-    return torch.stack([own, member_lo, member_hi, positive_lo, positive_hi], 1).to(torch.int32)
+        has_positives = live & (positive_hi > positive_lo)
+        all_positive = (high(positive_lo) <= start) & (low(positive_hi) >= kept_end)
+        all_negative = (high(positive_hi, has_positives) <= start) | (low(positive_lo, has_positives) >= kept_end)
+    uniform = visit & partners & (all_positive | all_negative)
+    owns = live & (own >= 0)
+    own_in_tile = (low(own, owns) < start + block_m) & (high(own, owns) >= start)
+    plain = (kept_end == start + block_m) & ~own_in_tile
+    loop = torch.where(uniform, torch.where(plain, UNIFORM, EXCLUDING), torch.where(visit, MASKED_LOOP, NO_VISIT))
+    return loop, all_positive & uniform
 
 
-def _tile_kinds(slot_type, prototype_slot_type, slot_group, prototype_slot_group, own_slot, pixel_key,
-                prototype_key, set_mode: bool, block_n: int, block_m: int) -> torch.Tensor:
-    """[tiles_n, tiles_m] int8 of SKIP / NEGATIVE / POSITIVE / MASKED over the padded orders (types -1 at
-    empty slots; groups of every slot, empty ones included)."""
-    tiles_n, tiles_m = slot_type.shape[0] // block_n, prototype_slot_type.shape[0] // block_m
-    if tiles_n == 0 or tiles_m == 0:
-        return torch.zeros(tiles_n, tiles_m, dtype=torch.int8, device=slot_type.device)
-    pixel_tiles, prototype_tiles = slot_type.view(tiles_n, block_n), prototype_slot_type.view(tiles_m, block_m)
-    # one type, no empty slot (type -1): uniform candidates
-    uniform = ((pixel_tiles.amin(1) == pixel_tiles.amax(1)) & (pixel_tiles.amin(1) >= 0))[:, None] & \
-              ((prototype_tiles.amin(1) == prototype_tiles.amax(1)) & (prototype_tiles.amin(1) >= 0))[None, :]
-    big = torch.iinfo(torch.int64).max
-    own_tiles = own_slot.view(tiles_n, block_n)
-    own_lo = torch.where(own_tiles >= 0, own_tiles, big).amin(1)
-    own_hi = own_tiles.amax(1)                                   # -1 (not kept) never raises the maximum
-    starts = torch.arange(tiles_m, device=slot_type.device) * block_m
-    own_hit = (own_lo[:, None] < (starts + block_m)[None, :]) & (own_hi[:, None] >= starts[None, :])
-    first_pixel = torch.arange(tiles_n, device=slot_type.device) * block_n
-    if set_mode:   # uniform tiles: the relation of the tiles' first rows is the relation of every pair
-        same = ((pixel_key[first_pixel][:, None, :] & prototype_key[starts][None, :, :]) != 0).any(-1)
-    else:
-        same = pixel_key[first_pixel][:, None] == prototype_key[starts][None, :]
-    kinds = torch.where(same, POSITIVE, NEGATIVE)
-    kinds = torch.where(uniform & ~own_hit, kinds, MASKED)
-    # a tile holds one group (groups start at tile boundaries): other groups' tiles are skipped
-    same_group = slot_group[first_pixel][:, None] == prototype_slot_group[starts][None, :]
-    return torch.where(same_group, kinds, SKIP).to(torch.int8)
+def _tile_bits(words: torch.Tensor, rows_used: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of ``block`` rows: (OR, AND) of the used rows' class-set words, [tiles, W] int64 each
+    (AND of no row: all ones, OR of no row: 0), from their bits."""
+    tiles = rows_used.shape[0]
+    shifts = torch.arange(64, device=words.device)
+    bits = ((words.view(tiles, block, -1, 1) >> shifts) & 1).bool()         # [tiles, block, W, 64]
+    used = rows_used[:, :, None, None]
+    any_bits, all_bits = (bits & used).any(1), (bits | ~used).all(1)          # [tiles, W, 64]
+    weights = torch.ones(64, dtype=torch.int64, device=words.device) << shifts   # bit 63 wraps to the sign
+    return (any_bits.long() * weights).sum(-1), (all_bits.long() * weights).sum(-1)
 
 
-def _visit_lists(kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CSR of the visits of each row of ``kinds``: uniform tiles first, then masked; int32."""
-    rows = kinds.shape[0]
-    uniform = (kinds == POSITIVE) | (kinds == NEGATIVE)
-    masked = kinds == MASKED
-    uniform_pairs, masked_pairs = uniform.nonzero(), masked.nonzero()            # row-major: sorted by row
-    uniform_values = uniform_pairs[:, 1] * 2 + (kinds[uniform_pairs[:, 0], uniform_pairs[:, 1]] == POSITIVE).long()
-    pairs_row = torch.cat([uniform_pairs[:, 0], masked_pairs[:, 0]])
-    values = torch.cat([uniform_values, masked_pairs[:, 1] * 2])
-    order = torch.argsort(pairs_row, stable=True)                                # uniform before masked per row
-    uniform_count = uniform.sum(1)
-    counts = uniform_count + masked.sum(1)
-    ptr = torch.zeros(rows + 1, dtype=torch.int64, device=kinds.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    return ptr.to(torch.int32), (ptr[:-1] + uniform_count).to(torch.int32), values[order].to(torch.int32).contiguous()
-
-
-def _member_counts(pixel_type, prototype_type, pixel_group, prototype_group, own, pixel_key, prototype_key,
-                   set_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positives and negatives of each sorted pixel other than its own segment, [n] int64 each, in
-    O(n + m + types^2 / set mode) from histograms of the segments' types."""
-    n = pixel_type.shape[0]
-    device = pixel_type.device
-    if n == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return empty, empty
-    types = int(max(int(pixel_type.max()), int(prototype_type.max()) if prototype_type.numel() else 0)) + 1
-    per_type = torch.bincount(prototype_type, minlength=types)                       # segments per type
-    group_ids = torch.unique(torch.cat([pixel_group, prototype_group]), return_inverse=True)[1]
-    pixel_gid, proto_gid = group_ids[:n], group_ids[n:]
-    per_group = torch.bincount(proto_gid, minlength=int(group_ids.max()) + 1 if group_ids.numel() else 1)
-    kept_own = own >= 0
-    own_clamped = own.clamp(min=0)
-    own_same_group = kept_own & (proto_gid[own_clamped] == pixel_gid) if prototype_type.numel() else kept_own
-    if not set_mode:
-        positive = per_type[pixel_type]
-        own_positive = own_same_group & (prototype_type[own_clamped] == pixel_type) if prototype_type.numel() \
-            else kept_own
-    else:
-        # types of one group whose class sets intersect: a [types, types] relation, typically tiny
-        type_first = torch.full((types,), -1, dtype=torch.int64, device=device)
-        keys = torch.cat([pixel_key, prototype_key])
-        all_types = torch.cat([pixel_type, prototype_type])
-        type_first[all_types] = torch.arange(all_types.shape[0], device=device)
-        type_words = keys[type_first.clamp(min=0)]
-        type_group = torch.cat([pixel_gid, proto_gid])[type_first.clamp(min=0)]
-        intersect = ((type_words[:, None, :] & type_words[None, :, :]) != 0).any(-1)
-        intersect &= type_group[:, None] == type_group[None, :]
-        positive = (intersect.long() @ per_type)[pixel_type]
-        own_positive = own_same_group & intersect[pixel_type, prototype_type[own_clamped]] \
-            if prototype_type.numel() else kept_own
-    negative = per_group[pixel_gid] - positive
-    own_negative = own_same_group & ~own_positive
-    return positive - own_positive.long(), negative - own_negative.long()
+def _visit_lists(loop: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's visits sorted by loop (uniform, excluding, masked; then by tile): ([rows, cols] int32
+    entries = col x 2 + positive, [rows, 3] int32 ends of the three loops' visits)."""
+    cols = loop.shape[1]
+    entry = torch.arange(cols, device=loop.device)[None, :] * 2 + positive.long()
+    ordered = torch.sort((loop * (2 * cols) + entry).to(torch.int32), dim=1).values
+    ends = torch.stack([(loop <= kind).sum(1) for kind in (UNIFORM, EXCLUDING, MASKED_LOOP)], 1)
+    return (ordered % (2 * cols)).contiguous(), ends.to(torch.int32).contiguous()
