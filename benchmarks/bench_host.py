@@ -51,8 +51,7 @@ class HostRecord:
 
 class _NoLaunch:
     """A launch that does no work but leaves its float buffers at 1.0 (outside any dispatch mode, so the
-    count does not see it): plausible sums, so that no fallback path fires on uninitialised memory (the
-    loss recomputes rows whose negative sum underflowed)."""
+    count does not see it): plausible values for what the step computes downstream."""
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -62,6 +61,14 @@ class _NoLaunch:
                     if isinstance(value, torch.Tensor) and value.is_floating_point():
                         value.fill_(1.0)
         return launch
+
+
+def _uncounted_plan(*args):
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from spml_fast.ops.contrast_plan import visit_lists_reference
+    with _disable_current_modes():
+        return visit_lists_reference(*args)
 
 
 @contextlib.contextmanager
@@ -85,6 +92,11 @@ def kernels_stubbed(loss_only: bool = False):
         module = importlib.import_module(f"spml_fast.triton_kernels.{module_name}")
         for name in names:
             patch(module, name, _NoLaunch())
+    # The visit plan's launches (three on a GPU) compute their result for real, with the same rule in
+    # PyTorch and outside the count: the loss's visit plans stay real (reports read them).
+    plan_module = importlib.import_module("spml_fast.ops.contrast_plan")
+    patch(plan_module, "_launchable", lambda device: True)
+    patch(importlib.import_module("spml_fast.triton_kernels.visit_plan"), "launch_visit_plan", _uncounted_plan)
     if loss_only:
         patch(loss_module, "select_backend", lambda backend, reference: "triton")
     else:

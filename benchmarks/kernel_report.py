@@ -290,9 +290,11 @@ def to_markdown(reports: list[dict], environment: dict) -> str:
 
 
 def _fractions(case: str, describe: dict) -> dict:
-    visited = describe["uniform_tiles"] + describe["masked_tiles"]
+    visited = describe["uniform_tiles"] + describe["excluding_tiles"] + describe["masked_tiles"]
     return dict(case=case, pixels=describe["pixels"], prototypes=describe["prototypes"], dense=describe["dense_tiles"],
-                visited=visited, uniform=describe["uniform_tiles"], masked=describe["masked_tiles"],
+                visited=visited, uniform=describe["uniform_tiles"], excluding=describe["excluding_tiles"],
+                masked=describe["masked_tiles"],
+                excluding_of_visited=round(describe["excluding_tiles"] / max(1, visited), 4),
                 masked_of_visited=round(describe["masked_tiles"] / max(1, visited), 4),
                 skipped_of_dense=round(1 - visited / max(1, describe["dense_tiles"]), 4))
 
@@ -339,13 +341,17 @@ def tile_fractions() -> list[dict]:
 
 
 def fractions_markdown(rows: list[dict]) -> str:
-    lines = ["Visit plans at the sm90 tiles (64 x 128): tile pairs of a dense sweep, visited (uniform = unmasked "
-             "loop, masked), masked share of the visited, skipped share of the dense sweep.", "",
-             "| case | pixels | segments | dense | uniform | masked | masked / visited | skipped / dense |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["Visit plans at the sm90 tiles (64 x 128): tile pairs of a dense sweep, visited by each loop "
+             "(uniform: pass 1, no masks; excluding: pass 2, uniform less the own segment and empty slots, one "
+             "column test per pair; masked: pass 3, membership per pair), their shares of the visited pairs, "
+             "and the skipped share of the dense sweep.", "",
+             "| case | pixels | segments | dense | uniform | excluding | masked | excluding / visited | "
+             "masked / visited | skipped / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['pixels']} | {r['prototypes']} | {r['dense']} | {r['uniform']} | "
-                     f"{r['masked']} | {100 * r['masked_of_visited']:.1f} % | {100 * r['skipped_of_dense']:.1f} % |")
+                     f"{r['excluding']} | {r['masked']} | {100 * r['excluding_of_visited']:.1f} % | "
+                     f"{100 * r['masked_of_visited']:.1f} % | {100 * r['skipped_of_dense']:.1f} % |")
     return "\n".join(lines) + "\n"
 
 

@@ -55,12 +55,16 @@ def test_plan_tile_kinds_match_brute_force(set_mode, with_groups):
     own = torch.arange(prototypes.shape[0])[None, :] == segment[:, None]
     positive, negative = positive & ~own, negative & ~own
 
+    pixel_slot = torch.argsort(plan.pixel_order)
+
     def in_slots(mask):
         out = torch.zeros(plan.n_pad, plan.m_pad, dtype=torch.bool)
-        out[plan.pixel_slot[:, None], plan.prototype_slot[None, :]] = mask
+        out[pixel_slot[:, None], plan.prototype_slot[None, :]] = mask
         return out
     positive, negative, own = in_slots(positive), in_slots(negative), in_slots(own)
-    live, kept = plan.live_pixels, plan.kept_prototypes
+    live = plan.pixel_index >= 0
+    kept = torch.zeros(plan.m_pad, dtype=torch.bool)
+    kept[plan.prototype_slot] = True if plan.prototype_kept is None else plan.prototype_kept[:, 0]
     kinds, counts = plan.kinds(), plan.row_counts.long()
     entries = plan.row_entries.long()
     for row in range(plan.tiles_n):
@@ -113,7 +117,9 @@ def test_plan_sizes_come_from_the_shapes():
 
 def test_relation_image_visits_a_sixth_of_a_dense_sweep():
     """Relation I of 8 images (about 16k pixels and 300 segments each) at the GPU tile sizes: a pixel
-    tile visits only its own image's prototype tiles."""
+    tile visits only its own image's prototype tiles, and at most 35 % of those visits take the masked
+    loop. (The CPU builds the plan with the PyTorch form of the rule; the kernels' equality with it is
+    tested below.)"""
     gen = torch.Generator().manual_seed(0)
     images, pixels, segments = 8, 16384, 300
     segment = torch.cat([i * segments + torch.randint(0, segments, (pixels,), generator=gen) for i in range(images)])
@@ -125,6 +131,42 @@ def test_relation_image_visits_a_sixth_of_a_dense_sweep():
     assert described["visited_fraction"] <= 1 / 6, described
     masked = described["masked_tiles"] / (described["uniform_tiles"] + described["excluding_tiles"] + described["masked_tiles"])
     assert masked <= 0.35, described
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("set_mode", [False, True])
+@pytest.mark.parametrize("with_groups", [False, True])
+@pytest.mark.parametrize("tiles", [(16, 16), (64, 128)])
+def test_visit_plan_kernels_match_the_pytorch_rule(set_mode, with_groups, tiles):
+    """``triton_kernels.visit_plan`` (what a GPU runs) gives the lists of ``visit_lists_reference`` (what
+    the CPU runs), at the interpreter's tiles and the sm90 tiles, with several chunks of other tiles."""
+    from spml_fast.ops import contrast_plan
+    from spml_fast.triton_kernels import visit_plan
+    block_n, block_m = tiles
+    scale = 10 if block_n == 64 else 1                # 80 pixel tiles: two chunks of a column
+    _, _, segment, pixel_labels, prototype_labels, groups = spml_batch(
+        images=4, pixels_per_image=128 * scale, segments_per_image=64 * scale // 2, set_mode=set_mode, unlabelled=0.2)
+    groups = groups if with_groups else dict(pixel_groups=None, prototype_groups=None)
+    captured = []
+    original = contrast_plan.visit_lists_reference
+
+    def capture(*args):
+        captured.append(args)
+        return original(*args)
+    contrast_plan.visit_lists_reference = capture
+    try:
+        build_plan(segment, pixel_labels, prototype_labels, groups["pixel_groups"], groups["prototype_groups"],
+                   block_n, block_m)
+    finally:
+        contrast_plan.visit_lists_reference = original
+    expected = original(*captured[0])
+    got = visit_plan.launch_visit_plan(*captured[0])
+    assert expected[0].shape[1] > visit_plan.CHUNK or expected[2].shape[1] > visit_plan.CHUNK or block_n == 16
+    for (entries, counts), (want_entries, want_counts) in ((got[:2], expected[:2]), (got[2:], expected[2:])):
+        assert torch.equal(counts, want_counts)
+        for tile in range(counts.shape[0]):
+            visits = int(counts[tile, 2])
+            assert torch.equal(entries[tile, :visits], want_entries[tile, :visits]), tile
 
 
 @NEEDS_TRITON

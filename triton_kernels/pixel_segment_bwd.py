@@ -6,9 +6,14 @@ dL/dlogit for a pair (unit upstream gradient g, own segment excluded) is
                = exp(l - lse_positive) * (exp(lse_positive - lse_all) - 1)
 so each pair costs one exp2 with a per-row offset and a per-row factor,
 both bounded (exponent <= 0, factor in [-1, 0]): nothing overflows, for any
-kappa. The caller stores per sorted pixel ``row_stats`` [n_pad, 4] =
+kappa. Each program derives them for the pixels of a tile (``_row_stats``)
+from the forward's lse over S+ and over S u S- and the upstream gradient,
+read in the pixels' original rows through the plan's ``pixel_index``:
 (offset S-, offset S+, factor S-, factor S+) in log2 units, the upstream
-gradient (scaled to [-1, 1]) folded into the factors; padded rows are 0.
+gradient scaled to [-1, 1] (by ``grad_scale``, its largest magnitude, so
+that fp16 tiles of G keep their precision) folded into the factors; padded
+and non-participating rows are 0. The outputs are scaled back by kappa *
+grad_scale: dE in the pixels' rows, dP as [S, m_pad, BLOCK_D] partials.
 
 Two kernels rather than one kernel with atomics:
 - ``grad_embeddings_kernel``: a program per pixel tile walks its visit list
@@ -31,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
+from .utils import (LN2, LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
                     visit_bounds)
 
 
@@ -56,18 +61,37 @@ def _masked_grad(logits, positive, negative, offset_negative, offset_positive, f
 
 
 @triton.jit
-def _load_stats(row_stats, offs_n):
-    """(offset S-, offset S+, factor S-, factor S+) of a tile's pixels, [pixels] float32 each."""
-    row = row_stats + offs_n * 4
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+def _expm1(x):
+    """exp(x) - 1 for x <= 0 without cancellation near 0 (Taylor to x^7 for |x| < 1/4: relative error
+    below 1e-8; float32 exp beyond)."""
+    series = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720
+                                                                                         + x / 5040))))))
+    return tl.where(x > -0.25, series, tl.math.exp(x) - 1.0)
+
+
+@triton.jit
+def _row_stats(pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n):
+    """(offset S-, offset S+, factor S-, factor S+) of a tile's pixels, [pixels] float32 each (module
+    docstring); 0 at padded and non-participating slots."""
+    index = tl.load(pixel_index + offs_n)
+    used = index >= 0
+    index = index.to(tl.int64)
+    offset_all = tl.load(lse_all + index, mask=used, other=0.0) * 1.4426950408889634
+    offset_positive = tl.load(lse_positive + index, mask=used, other=0.0) * 1.4426950408889634
+    upstream = tl.load(pixel_grad + index, mask=used, other=0.0) / tl.load(grad_scale)
+    # positive pairs: exp2(l - lse_positive) * (exp(lse_positive - lse_all) - 1), the factor in [-1, 0]
+    factor_positive = upstream * _expm1(tl.minimum(offset_positive - offset_all, 0.0) * LN2)
+    return offset_all, offset_positive, upstream, factor_positive
 
 
 @triton.jit
 def grad_embeddings_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
-    visit_entries, visit_counts, tiles_m, row_stats, grad_out,      # grad_out [n_pad, BLOCK_D] float32
-    scale,
+    visit_entries, visit_counts, tiles_m,
+    pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,    # [n_pad] int32, [N] float32 x 3, [1]
+    grad_out, dim,                                                 # [N, dim] float32
+    scale, kappa,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -75,7 +99,8 @@ def grad_embeddings_kernel(
     offs_n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     pixels = load_tile(embeddings, offs_n, BLOCK_D)
     own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
-    offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+    offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
+        pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
     entries, uniform_end, excluding_end, masked_end = visit_bounds(visit_entries, visit_counts, tile, tiles_m)
     accumulator = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                  # dE tile
 
@@ -110,15 +135,20 @@ def grad_embeddings_kernel(
         grad = _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative,
                             factor_positive, False)
         accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
-    tl.store(grad_out + offs_n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], accumulator)
+    index = tl.load(pixel_index + offs_n)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(grad_out + index.to(tl.int64)[:, None] * dim + offs_d[None, :], accumulator * (tl.load(grad_scale) * kappa),
+             mask=(index >= 0)[:, None] & (offs_d < dim)[None, :])
 
 
 @triton.jit
 def grad_prototypes_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
-    visit_entries, visit_counts, tiles_n, row_stats, partial_out,   # partial_out [S, m_pad, BLOCK_D] float32
-    scale, m_pad,
+    visit_entries, visit_counts, tiles_n,
+    pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,
+    partial_out,                                                    # [S, m_pad, BLOCK_D] float32
+    scale, kappa, m_pad,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -137,7 +167,8 @@ def grad_prototypes_kernel(
         entry = tl.load(entries + visit)
         offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
+            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
         logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale     # [BM, BN]
         grad_t = _one_set_grad(logits_t, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
                                factor_positive, True)
@@ -148,7 +179,8 @@ def grad_prototypes_kernel(
         entry = tl.load(entries + visit)
         offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
+            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
         own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
         similarity_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE)
         logits_t = tl.where(tile_partners(offs_m, own, lo, width, True), similarity_t * scale, float("-inf"))
@@ -160,7 +192,8 @@ def grad_prototypes_kernel(
     for visit in range(tl.maximum(begin, excluding_end), end):
         offs_n = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _load_stats(row_stats, offs_n)
+        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
+            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
         own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
         logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale
         positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
@@ -169,7 +202,7 @@ def grad_prototypes_kernel(
                               factor_positive, True)
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
     tl.store(partial_out + (split_index.to(tl.int64) * m_pad + offs_m[:, None]) * BLOCK_D
-             + tl.arange(0, BLOCK_D)[None, :], accumulator)
+             + tl.arange(0, BLOCK_D)[None, :], accumulator * (tl.load(grad_scale) * kappa))
 
 
 def prototype_splits(tiles_n: int, tiles_m: int, config) -> int:
@@ -181,27 +214,29 @@ def prototype_splits(tiles_n: int, tiles_m: int, config) -> int:
 
 
 def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor, plan, config,
-                               kappa: float, row_stats: torch.Tensor):
-    """Gradients w.r.t. the sorted, padded embeddings and prototypes of sum_i g_i L(i) over the non-own
-    segments, for kappa = 1 / log2 units (the caller multiplies by kappa and the upstream scale).
-    row_stats [n_pad, 4] float32 (module docstring). Returns (dE [n_pad, BLOCK_D], dP [m_pad, BLOCK_D])
-    float32."""
-    n_pad, block_d = sorted_embeddings.shape
+                               kappa: float, lse_all: torch.Tensor, lse_positive: torch.Tensor,
+                               pixel_grad: torch.Tensor, dim: int):
+    """Gradients of sum_i g_i L(i) over the non-own segments. sorted_* [n_pad | m_pad, BLOCK_D] (the
+    plan's slots); lse_all, lse_positive, pixel_grad [N] float32 (g = 0 where the pixel does not take
+    part). Returns (dE [N, dim], dP [m_pad, BLOCK_D] in the slots' order), float32."""
+    block_d = sorted_embeddings.shape[1]
     m_pad = sorted_prototypes.shape[0]
     device = sorted_embeddings.device
+    grad_scale = pixel_grad.abs().amax().clamp_min(torch.finfo(torch.float32).tiny).reshape(1)
+    stats = (plan.pixel_index, lse_all, lse_positive, pixel_grad, grad_scale)
     meta = (plan.pixel_ranges, plan.pixel_words, plan.prototype_words)
     flags = dict(SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype),
                  BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d)
     scale = kappa * LOG2E
-    grad_embeddings = torch.empty(n_pad, block_d, device=device, dtype=torch.float32)
+    grad_embeddings = torch.zeros(pixel_grad.shape[0], dim, device=device, dtype=torch.float32)
     grad_embeddings_kernel[(plan.tiles_n,)](
-        sorted_embeddings, sorted_prototypes, *meta, plan.row_entries, plan.row_counts, plan.tiles_m, row_stats,
-        grad_embeddings, scale, **flags,
+        sorted_embeddings, sorted_prototypes, *meta, plan.row_entries, plan.row_counts, plan.tiles_m, *stats,
+        grad_embeddings, dim, scale, kappa, **flags,
         num_warps=config.grad_embeddings.num_warps, num_stages=config.grad_embeddings.num_stages)
     splits = prototype_splits(plan.tiles_n, plan.tiles_m, config)
     partials = torch.empty(splits, m_pad, block_d, device=device, dtype=torch.float32)
     grad_prototypes_kernel[(plan.tiles_m, splits)](
-        sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, row_stats,
-        partials, scale, m_pad, **flags,
+        sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, *stats,
+        partials, scale, kappa, m_pad, **flags,
         num_warps=config.grad_prototypes.num_warps, num_stages=config.grad_prototypes.num_stages)
     return grad_embeddings, partials.sum(0)

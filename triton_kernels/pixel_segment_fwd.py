@@ -15,8 +15,9 @@ max's term (1), so nothing underflows whatever kappa:
           empty slots), each set's tile max apart, one exp per pair with the
           shift of the pair's set.
 
-Stored per slot: (max S+, sum S+, max S-, sum S-), [n_pad, 4] float32; an
-empty set has max -inf and sum 0.
+Stored per participating pixel, in its original row (``pixel_index``): the
+natural-log lse of S+ and of S- (-inf when empty; a set's sum holds 1 for
+its max, so "empty" is "sum < 1") and whether S+ is not empty.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
+from .utils import (LN2, LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
                     visit_bounds)
 
 
@@ -46,7 +47,8 @@ def pixel_segment_lse_kernel(
     embeddings, prototypes,                          # [n_pad, BLOCK_D], [m_pad, BLOCK_D], sorted, zero-padded
     pixel_ranges, pixel_words, prototype_words,      # the plan's membership data (utils.tile_membership)
     visit_entries, visit_counts, tiles_m,            # the plan's visit row of each pixel tile
-    stats_out,                                       # [n_pad, 4] float32: max S+, sum S+, max S-, sum S-
+    pixel_index,                                     # [n_pad] int32: original row of each slot (-1: none)
+    lse_positive_out, lse_negative_out, has_positive_out,   # [N] float32 each
     scale,                                           # kappa * log2(e)
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -98,25 +100,30 @@ def pixel_segment_lse_kernel(
             + tl.sum(tl.where(positive, 0.0, exps), axis=1)
         max_positive, max_negative = new_positive, new_negative
 
-    row = stats_out + offs_n * 4
-    tl.store(row, max_positive)
-    tl.store(row + 1, sum_positive)
-    tl.store(row + 2, max_negative)
-    tl.store(row + 3, sum_negative)
+    index = tl.load(pixel_index + offs_n)
+    stored = index >= 0
+    index = index.to(tl.int64)
+    has_positive = sum_positive >= 1.0
+    tl.store(lse_positive_out + index, tl.where(has_positive, (max_positive + tl.log2(tl.maximum(sum_positive, 1.0)))
+                                                * LN2, float("-inf")), mask=stored)
+    tl.store(lse_negative_out + index, tl.where(sum_negative >= 1.0, (max_negative + tl.log2(tl.maximum(
+        sum_negative, 1.0))) * LN2, float("-inf")), mask=stored)
+    tl.store(has_positive_out + index, has_positive.to(tl.float32), mask=stored)
 
 
 def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor, plan, config,
                              kappa: float) -> torch.Tensor:
     """sorted_embeddings [n_pad, BLOCK_D], sorted_prototypes [m_pad, BLOCK_D] (``ContrastPlan`` slots,
     zero-padded, same float dtype); config: ``configs.ContrastConfig``.
-    Returns [n_pad, 4] float32 (max S+, sum S+, max S-, sum S-), log2 units: log2-sum-exp2 of a set =
-    max + log2(sum); an empty set has sum 0."""
-    n_pad, block_d = sorted_embeddings.shape
-    stats = torch.empty(n_pad, 4, device=sorted_embeddings.device, dtype=torch.float32)
+    Returns [3, N] float32: lse over S+ and over S- less the own segment (natural log, -inf when empty)
+    and 1.0 where S+ less it is not empty; 0 for pixels that do not participate."""
+    block_d = sorted_embeddings.shape[1]
+    outputs = torch.zeros(3, plan.pixel_order.shape[0], device=sorted_embeddings.device, dtype=torch.float32)
     pixel_segment_lse_kernel[(plan.tiles_n,)](
         sorted_embeddings, sorted_prototypes, plan.pixel_ranges, plan.pixel_words, plan.prototype_words,
-        plan.row_entries, plan.row_counts, plan.tiles_m, stats, kappa * LOG2E,
+        plan.row_entries, plan.row_counts, plan.tiles_m, plan.pixel_index, outputs[0], outputs[1], outputs[2],
+        kappa * LOG2E,
         SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype),
         BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d,
         num_warps=config.forward.num_warps, num_stages=config.forward.num_stages)
-    return stats
+    return outputs

@@ -16,6 +16,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # order of accumulation. Compiled GPU code is unaffected.
 UPCAST_DOT_OPERANDS: tl.constexpr = tl.constexpr(INTERPRET)
 LOG2E = 1.4426950408889634          # exp(x) = exp2(x * LOG2E): the kernels work in log2 units
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)     # inside kernels
 
 
 def block_dim(dim: int) -> int:
@@ -91,13 +92,12 @@ def _per_pixel(values, TRANSPOSED: tl.constexpr):
 @triton.jit
 def load_row_ranges(pixel_ranges, offs_n):
     """Per pixel of a tile, from the plan (``pixel_ranges`` [n_pad, 5] int32 slots): the own segment's
-    slot (-1: none), the first slot and the width of the range of segments it is contrasted with (its
-    group), and of the range of its positives (single-label mode). Widths, not ends: membership is then
-    one unsigned compare, ``(column - lo) < width``."""
+    slot, the first slot and the width of the range of segments it is contrasted with (its group), and
+    of the range of its positives (single-label mode). Widths as unsigned: membership is then one
+    unsigned compare, ``(column - lo) < width``."""
     row = pixel_ranges + offs_n * 5
-    lo, positive_lo = tl.load(row + 1), tl.load(row + 3)
-    return (tl.load(row), lo, (tl.load(row + 2) - lo).to(tl.uint32, bitcast=True), positive_lo,
-            (tl.load(row + 4) - positive_lo).to(tl.uint32, bitcast=True))
+    return (tl.load(row), tl.load(row + 1), tl.load(row + 2).to(tl.uint32, bitcast=True), tl.load(row + 3),
+            tl.load(row + 4).to(tl.uint32, bitcast=True))
 
 
 @triton.jit

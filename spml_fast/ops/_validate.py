@@ -3,7 +3,7 @@
 Every public op validates its arguments here *before* any kernel runs, so bad
 input becomes a ``ValueError`` naming the argument instead of an
 out-of-bounds read inside a kernel. Shapes, dtypes and devices are checked on
-the host; value ranges with a device-side assertion (``check_range``), which
+the host; value ranges with one device-side assertion (``RangeChecks``), which
 reads nothing back: on the CPU it raises at once, on CUDA the stream stops
 with a device-side assert before any kernel reads the value (as PyTorch's
 own index checks do), and a loss call never waits for the GPU.
@@ -51,7 +51,8 @@ def check_same_kind(name: str, tensor: torch.Tensor, like_name: str, like: torch
 
 
 def check_index_vector(name: str, tensor, length: int, device: torch.device,
-                       upper: Optional[int] = None, allow_negative: bool = False) -> torch.Tensor:
+                       upper: Optional[int] = None, allow_negative: bool = False,
+                       ranges: Optional["RangeChecks"] = None) -> torch.Tensor:
     """A 1-D integer tensor of ``length`` entries; returns it as contiguous int64."""
     require_tensor(name, tensor)
     if tensor.dim() != 1:
@@ -64,18 +65,37 @@ def check_index_vector(name: str, tensor, length: int, device: torch.device,
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
     tensor = tensor.to(torch.int64).contiguous()
     if upper is not None and length > 0:
-        check_range(name, tensor, None if allow_negative else 0, upper)
+        checks = RangeChecks() if ranges is None else ranges
+        checks.add(name, tensor, None if allow_negative else 0, upper)
+        if ranges is None:
+            checks.assert_all()
     return tensor
 
 
-def check_range(name: str, tensor: torch.Tensor, low: Optional[int], high: int) -> None:
-    """All values in [low, high) (no lower bound for low=None), asserted on the tensor's device."""
-    inside = tensor < high if low is None else (tensor >= low) & (tensor < high)
-    try:
-        torch._assert_async(inside.all(), f"{name} holds values outside [{low}, {high})")
-    except RuntimeError:                       # the CPU raises at once: name the values found
-        raise ValueError(f"{name} holds values in [{int(tensor.min())}, {int(tensor.max())}], "
-                         f"outside [{0 if low is None else low}, {high})") from None
+class RangeChecks:
+    """Value-range checks of one call, asserted together on the device: one assertion, nothing read back.
+    On the CPU a failure raises at once, naming the argument and the values found."""
+
+    def __init__(self):
+        self.items = []
+
+    def add(self, name: str, tensor: torch.Tensor, low: Optional[int], high: int) -> None:
+        """All values of the 1-D ``tensor`` in [low, high) (no lower bound for low=None)."""
+        inside = tensor < high if low is None else tensor.clamp(low, high - 1) == tensor
+        self.items.append((name, tensor, low, high, inside))
+
+    def assert_all(self) -> None:
+        if not self.items:
+            return
+        try:
+            torch._assert_async(torch.cat([item[-1] for item in self.items]).all(),
+                                "an index or label argument holds values out of range")
+        except RuntimeError:
+            for name, tensor, low, high, inside in self.items:
+                if not bool(inside.all()):
+                    raise ValueError(f"{name} holds values in [{int(tensor.min())}, {int(tensor.max())}], "
+                                     f"outside [{0 if low is None else low}, {high})") from None
+            raise
 
 
 def check_kappa(kappa) -> float:
@@ -116,7 +136,7 @@ class Labels:
 
 
 def check_labels(pixel_labels, prototype_labels, num_pixels: int, num_prototypes: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                 device: torch.device, ranges: Optional[RangeChecks] = None) -> tuple[torch.Tensor, torch.Tensor]:
     for name, tensor in (("pixel_labels", pixel_labels), ("prototype_labels", prototype_labels)):
         require_tensor(name, tensor)
         if tensor.dim() not in (1, 2):
@@ -143,20 +163,22 @@ def check_labels(pixel_labels, prototype_labels, num_pixels: int, num_prototypes
         for name, tensor in (("pixel_labels", pixel_labels), ("prototype_labels", prototype_labels)):
             if tensor.dtype not in INT_DTYPES:
                 raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
-            if tensor.dtype == torch.int64 and tensor.numel():
-                check_range(name, tensor, None, MAX_LABEL)     # the visit plan packs label + 1 in 32 bits
+            if tensor.dtype == torch.int64 and tensor.numel() and ranges is not None:
+                ranges.add(name, tensor, None, MAX_LABEL)      # the visit plan packs label + 1 in 32 bits
     return pixel_labels.to(torch.int64).contiguous(), prototype_labels.to(torch.int64).contiguous()
 
 
 def check_groups(pixel_groups, prototype_groups, num_pixels: int, num_prototypes: int,
-                 device: torch.device) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                 device: torch.device, ranges: Optional[RangeChecks] = None
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     if (pixel_groups is None) != (prototype_groups is None):
         missing = "prototype_groups" if prototype_groups is None else "pixel_groups"
         raise ValueError(f"{missing} is None but the other group tensor is given: pass both or neither")
     if pixel_groups is None:
         return None, None
-    return (check_index_vector("pixel_groups", pixel_groups, num_pixels, device, upper=MAX_GROUP),
-            check_index_vector("prototype_groups", prototype_groups, num_prototypes, device, upper=MAX_GROUP))
+    return (check_index_vector("pixel_groups", pixel_groups, num_pixels, device, upper=MAX_GROUP, ranges=ranges),
+            check_index_vector("prototype_groups", prototype_groups, num_prototypes, device, upper=MAX_GROUP,
+                               ranges=ranges))
 
 
 def check_reduction(reduction: str) -> str:

@@ -1,39 +1,37 @@
 """The visit plan of the Triton loss kernels: which (pixel tile, prototype
-tile) pairs to compute, and with which loop. Built with device ops only:
-no ``.item()``, ``nonzero``, ``unique`` or boolean indexing, every size known
-from the inputs' shapes (a loss call never waits for the GPU, and a training
-step can be captured in a CUDA graph).
+tile) pairs to compute, and with which loop. Built with device ops and two
+small kernels (``triton_kernels.visit_plan``): no ``.item()``, ``nonzero``,
+``unique`` or boolean indexing, every size known from the inputs' shapes (a
+loss call never waits for the GPU; a training step can be captured in a
+CUDA graph).
 
 Membership of a pair depends on the pixel's and the segment's *types*
 (group and label, or group and class set) and on whether the segment is the
 pixel's own. So the plan
 
-1. sorts segments by (group, label) / (group, class set), the ones that
-   cannot take part (unlabelled, single-label mode) last, and pixels by
-   (group, label / class set, sorted position of the own segment), the
-   non-participating ones last: a pixel's partners are then one contiguous
-   range of sorted segments (its group), and in single-label mode so are its
-   positives; the own segments of a pixel tile sit in one or two segment
-   tiles;
-2. places both orders in the kernels' padded rows ("slots"): each of the
-   first ``ALIGNED_RUNS`` groups starts on a tile boundary (the rest of its
-   last tile stays empty: zero rows, members of nothing), so that a tile
-   rarely mixes two images. The padded lengths are bounds known from N and
-   M; tiles past the data are empty and visit nothing;
-3. classifies every tile pair from per-tile summaries of the pixels' ranges,
-   never per pair:
-   - UNIFORM: for every live pixel of the tile, every segment of the tile is
-     a partner, and either all are positives or none is: the kernels'
-     unmasked loop, no label loads (POSITIVE / NEGATIVE says which set);
+1. sorts segments by (group, label) / (group, class set), the unlabelled
+   ones (single-label mode) last, and pixels by (group, label / class set,
+   sorted position of the own segment), the unlabelled ones first: a pixel's
+   partners are then one contiguous range of sorted segments (its group),
+   in single-label mode so are its positives, and the own segments of a
+   pixel tile sit in one or two segment tiles;
+2. places the segments in the kernels' padded rows ("slots"): each group
+   starts on a tile boundary (the rest of its last tile stays empty: zero
+   rows, members of nothing), within a budget of ``ALIGNED_RUNS`` tiles of
+   padding, so that a tile rarely mixes two images. Pixels keep their sorted
+   position (a pixel tile across two images costs a few masked tiles only);
+3. classifies every tile pair from per-tile bounds of the pixels' ranges,
+   never per pair (``triton_kernels.visit_plan.tile_loop``):
+   - UNIFORM: for every pixel of the tile, every segment of the tile is a
+     partner, and either all are positives or none is: the kernels'
+     unmasked loop, no label loads;
    - EXCLUDING: uniform, but the tile holds a pixel's own segment or empty
-     slots past the group's end: the same loop with one column test per pair
-     (``column < partner_hi and column != own``), no label loads;
-   - MASKED: a label boundary for these pixels, a group boundary, a pixel
-     tile of several groups: membership per pair;
-   - SKIP: no partner of any of the tile's pixels in the segment tile;
+     slots past its group: the same loop with one column test per pair;
+   - MASKED: a label or group boundary for these pixels: per-pair membership;
+   - NO_VISIT: no partner of any of the tile's pixels in the segment tile;
 4. lists the visits of each pixel tile (forward, dE) and of each segment
-   tile (dP) as rows of a dense [tiles, other tiles] int32 matrix, sorted
-   UNIFORM, EXCLUDING, MASKED, the counts of each in ``[tiles, 3]``
+   tile (dP) as rows of a dense [tiles, other tiles] int32 matrix, in loop
+   order, with each loop's end in ``[tiles, 3]``
    (entry = other tile x 2 + 1 if all pairs are positives).
 
 Memory: O(N + M) for the orders, ranges and slots; 2 x tiles_n x tiles_m
@@ -47,44 +45,41 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3            # tile kinds (tests and reports)
 UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT = 0, 1, 2, 3   # loops, in visit order
-ALIGNED_RUNS = 256        # groups that start on a tile boundary (a bound on the padding: host-known sizes)
+ALIGNED_RUNS = 256        # tiles of padding at most (group starts on tile boundaries): host-known sizes
 GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
 NOT_KEPT = torch.iinfo(torch.int64).max
-BIG = 2 ** 30
+BIG = 2 ** 30             # slots stay below it
 
 
 @dataclass
 class ContrastPlan:
-    """The visit plan (module docstring). Slots: rows of the kernels' padded orders."""
+    """The visit plan (module docstring). Slots: rows of the kernels' padded orders; a pixel's slot is
+    its sorted position."""
 
     block_n: int
     block_m: int
-    pixel_slot: torch.Tensor            # [N] int64: slot of each pixel (non-participating ones too)
+    pixel_order: torch.Tensor           # [N] int64: the pixel at each sorted position
+    pixel_index: torch.Tensor           # [n_pad] int32: the participating pixel at each slot, else -1
     prototype_slot: torch.Tensor        # [M] int64: slot of each segment
-    live_pixels: torch.Tensor           # [n_pad] bool: the slot holds a participating pixel
-    kept_prototypes: torch.Tensor       # [m_pad] bool: the slot holds a segment that can take part
-    pixel_ranges: torch.Tensor          # [n_pad, 5] int32 slots: own (-1: none), partner range [lo, hi)
-                                        # (the pixel's group), positive range [lo, hi) (single-label mode)
+    prototype_kept: Optional[torch.Tensor]   # [M, 1] bool: the segment can take part (None: every one)
+    pixel_ranges: torch.Tensor          # [n_pad, 5] int32: own slot, partner range (first slot, width) (the
+                                        # pixel's group), positive range (first slot, width) (single label)
     pixel_words: torch.Tensor           # [n_pad, W] int64 class sets (set mode), else [1, 1]
     prototype_words: torch.Tensor       # [m_pad, W] int64 / [1, 1]
     row_entries: torch.Tensor           # [tiles_n, tiles_m] int32: prototype tile x 2 + positive, by loop
     row_counts: torch.Tensor            # [tiles_n, 3] int32: ends of the uniform, excluding, masked visits
     col_entries: torch.Tensor           # [tiles_m, tiles_n] int32: pixel tile x 2 + positive
     col_counts: torch.Tensor            # [tiles_m, 3] int32
+    m_pad: int
     set_mode: bool
-    num_pixels: int                     # N, M of the call (the dense sweep's size)
-    num_prototypes: int
 
     @property
     def n_pad(self) -> int:
         return self.pixel_ranges.shape[0]
-
-    @property
-    def m_pad(self) -> int:
-        return self.kept_prototypes.shape[0]
 
     @property
     def tiles_n(self) -> int:
@@ -103,15 +98,16 @@ class ContrastPlan:
         counts = self.row_counts.long()
         uniform, excluding, masked = (int(counts[:, 0].sum()), int((counts[:, 1] - counts[:, 0]).sum()),
                                       int((counts[:, 2] - counts[:, 1]).sum()))
-        dense = -(-self.num_pixels // self.block_n) * -(-self.num_prototypes // self.block_m)
-        return dict(block_n=self.block_n, block_m=self.block_m, pixels=int(self.live_pixels.sum()),
-                    prototypes=int(self.kept_prototypes.sum()), dense_tiles=dense, uniform_tiles=uniform,
-                    excluding_tiles=excluding, masked_tiles=masked,
-                    visited_fraction=(uniform + excluding + masked) / max(1, dense))
+        num_pixels, num_prototypes = self.pixel_order.shape[0], self.prototype_slot.shape[0]
+        dense = -(-num_pixels // self.block_n) * -(-num_prototypes // self.block_m)
+        kept = num_prototypes if self.prototype_kept is None else int(self.prototype_kept.sum())
+        return dict(block_n=self.block_n, block_m=self.block_m, pixels=int((self.pixel_index >= 0).sum()),
+                    prototypes=kept, dense_tiles=dense, uniform_tiles=uniform, excluding_tiles=excluding,
+                    masked_tiles=masked, visited_fraction=(uniform + excluding + masked) / max(1, dense))
 
     def kinds(self) -> torch.Tensor:
-        """[tiles_n, tiles_m] int64 SKIP / NEGATIVE / POSITIVE / MASKED, EXCLUDING tiles as their uniform
-        kind (tests and reports; reads the device)."""
+        """[tiles_n, tiles_m] int64 SKIP / NEGATIVE / POSITIVE / MASKED (excluding tiles as their uniform
+        kind), from the visit rows (tests and reports; reads the device)."""
         kinds = torch.zeros(self.tiles_n, self.tiles_m, dtype=torch.int64)
         entries, counts = self.row_entries.cpu().long(), self.row_counts.cpu().long()
         for row in range(self.tiles_n):
@@ -121,99 +117,82 @@ class ContrastPlan:
         return kinds
 
 
-def aligned_runs(rows: int, block: int) -> int:
-    """How many runs (groups) start on a tile boundary: at most one per tile of data, and ALIGNED_RUNS."""
-    return min(-(-rows // block), ALIGNED_RUNS)
-
-
-def padded_length(rows: int, block: int) -> int:
-    """Slots for ``rows`` rows: every row, plus less than a tile of padding per aligned run."""
-    return (-(-rows // block) + aligned_runs(rows, block)) * block
+def padded_prototypes(num_prototypes: int, block_m: int) -> tuple[int, int]:
+    """(slots, padding budget) for M segments: the budget is at most one tile per tile of data, and
+    ``ALIGNED_RUNS`` tiles."""
+    tiles = -(-num_prototypes // block_m)
+    budget = min(tiles, ALIGNED_RUNS) * block_m
+    return (tiles * block_m + budget), budget
 
 
 def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labels: torch.Tensor,
                pixel_groups: Optional[torch.Tensor], prototype_groups: Optional[torch.Tensor],
                block_n: int, block_m: int) -> ContrastPlan:
-    """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled; < 2^31) or [N, W]/[M, W]
+    """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled; < 2^31 - 1) or [N, W]/[M, W]
     int64 class sets; groups [N]/[M] int64 in [0, 2^30) or None; tile sizes of the kernels."""
-    device = segment.device
     set_mode = pixel_labels.dim() == 2
     num_pixels, num_prototypes = pixel_labels.shape[0], prototype_labels.shape[0]
-    no_groups = pixel_groups is None
+    n_pad = -(-num_pixels // block_n) * block_n
+    m_pad, budget = padded_prototypes(num_prototypes, block_m)
 
-    # 1. Sort keys: one int64 (group << 32 | label + 1) in single-label mode, (group, words...) in set mode.
+    # 1. Sort. Single-label: one int64 key per row; set mode: (group, words...) columns.
     if set_mode:
-        pixel_live = torch.ones(num_pixels, dtype=torch.bool, device=device)
-        prototype_kept = torch.ones(num_prototypes, dtype=torch.bool, device=device)
-        pixel_group = pixel_labels.new_zeros(num_pixels) if no_groups else pixel_groups
-        prototype_group = prototype_labels.new_zeros(num_prototypes) if no_groups else prototype_groups
-        prototype_columns = [prototype_group, *prototype_labels.unbind(1)]
-        pixel_columns = [pixel_group, *pixel_labels.unbind(1)]
+        prototype_kept = None
+        prototype_group = (torch.zeros_like(prototype_labels[:, 0]) if prototype_groups is None
+                           else prototype_groups)
+        prototype_order = _lexsort([prototype_group, *prototype_labels.unbind(1)])
     else:
-        pixel_live, prototype_kept = pixel_labels >= 0, prototype_labels >= 0
-        pixel_key = _single_key(pixel_labels, pixel_live, pixel_groups)
-        prototype_key = _single_key(prototype_labels, prototype_kept, prototype_groups)
-        prototype_columns, pixel_columns = [prototype_key], [pixel_key]
-    prototype_order = _lexsort(prototype_columns)
-    sorted_position = torch.empty_like(prototype_order)
-    sorted_position[prototype_order] = torch.arange(num_prototypes, device=device)
-    own_position = torch.where(prototype_kept[segment], sorted_position[segment], -1)
-    pixel_order = _lexsort(pixel_columns + [own_position])
-
-    # 2. Ranges in sorted segment positions, then slots.
-    kept_sorted = prototype_kept[prototype_order]
-    live_sorted = pixel_live[pixel_order]
+        prototype_kept = (prototype_labels >= 0)[:, None]
+        prototype_key = _single_key(prototype_labels, prototype_groups, NOT_KEPT)
+        prototype_order = torch.argsort(prototype_key, stable=True)
+    sorted_position = torch.argsort(prototype_order)                    # of each segment
+    own_position = sorted_position[segment]
     if set_mode:
-        group_sorted = torch.where(kept_sorted, prototype_group[prototype_order], NOT_KEPT)
-        pixel_group_sorted = pixel_group[pixel_order]
-        positive_lo = positive_hi = torch.zeros_like(pixel_order)
+        pixel_group = torch.zeros_like(segment) if pixel_groups is None else pixel_groups
+        pixel_order = _lexsort([pixel_group, *pixel_labels.unbind(1), own_position])
+        group_sorted, pixel_group_sorted = prototype_group[prototype_order], pixel_group[pixel_order]
     else:
-        key_sorted = prototype_key[prototype_order]
-        group_sorted = torch.where(kept_sorted, key_sorted >> GROUP_SHIFT, NOT_KEPT)
-        pixel_key_sorted = pixel_key[pixel_order]
-        pixel_group_sorted = pixel_key_sorted >> GROUP_SHIFT
-        positive_lo = torch.searchsorted(key_sorted, pixel_key_sorted, right=False)
-        positive_hi = torch.searchsorted(key_sorted, pixel_key_sorted, right=True)
-    member_lo = torch.searchsorted(group_sorted, pixel_group_sorted, right=False)
-    member_hi = torch.searchsorted(group_sorted, pixel_group_sorted, right=True)
+        pixel_key = _single_key(pixel_labels, pixel_groups, -1)        # unlabelled: -1, sorted first
+        pixel_order = _lexsort([pixel_key, own_position])
+        key_sorted, pixel_key_sorted = prototype_key[prototype_order], pixel_key[pixel_order]
+        group_sorted, pixel_group_sorted = key_sorted >> GROUP_SHIFT, pixel_key_sorted >> GROUP_SHIFT
 
-    prototype_slot_sorted, m_pad = _slots(group_sorted, block_m)
-    pixel_slot_sorted, n_pad = _slots(torch.where(live_sorted, pixel_group_sorted, NOT_KEPT), block_n)
-    own_sorted = own_position[pixel_order]
-    to_slot = torch.cat([prototype_slot_sorted, prototype_slot_sorted.new_zeros(1)])
+    # 2. Slots of the sorted segments; ranges in slots: first slot and width.
+    slot_sorted = _slots(group_sorted, block_m, budget)
+    starts = F.pad(slot_sorted, (0, 1), value=m_pad)                    # [M + 1]: first slot of position k
+    ends = F.pad(slot_sorted + 1, (1, 0))                               # [M + 1]: end slot of positions < k
 
-    def slot_range(lo, hi):                                  # sorted [lo, hi) -> slots, empty -> (0, 0)
-        empty = (hi <= lo) | ~live_sorted
-        return (torch.where(empty, 0, to_slot[lo]), torch.where(empty, 0, to_slot[(hi - 1).clamp(min=0)] + 1))
-    ranges_sorted = torch.stack([torch.where(live_sorted & (own_sorted >= 0), to_slot[own_sorted.clamp(min=0)], -1),
-                                 *slot_range(member_lo, member_hi), *slot_range(positive_lo, positive_hi)], 1)
-    pixel_ranges = _place(ranges_sorted.to(torch.int32), pixel_slot_sorted, n_pad, 0)
-    live_pixels = _place(live_sorted, pixel_slot_sorted, n_pad, False)
-    kept_prototypes = _place(kept_sorted, prototype_slot_sorted, m_pad, False)
+    def slot_range(sorted_values, queries):              # segments whose sorted value equals the query
+        first = starts[torch.searchsorted(sorted_values, queries)]
+        return first, (ends[torch.searchsorted(sorted_values, queries, right=True)] - first).clamp_(min=0)
+    lo, width = slot_range(group_sorted, pixel_group_sorted)
+    positive_lo, positive_width = ((lo, torch.zeros_like(width)) if set_mode
+                                   else slot_range(key_sorted, pixel_key_sorted))
+    ranges = torch.stack([starts[own_position[pixel_order]], lo, width, positive_lo, positive_width], 1)
+    pixel_ranges = F.pad(ranges.to(torch.int32), (0, 0, 0, n_pad - num_pixels))
+    pixel_index = pixel_order if set_mode else pixel_order.masked_fill(pixel_key_sorted < 0, -1)
+    pixel_index = F.pad(pixel_index.to(torch.int32), (0, n_pad - num_pixels), value=-1)
+    # kept slots are a prefix of each tile: a tile's kept end is where its first non-kept slot would be
+    kept_slots = slot_sorted if set_mode else slot_sorted.masked_fill(key_sorted == NOT_KEPT, BIG)
+    tile_ends = torch.arange(1, m_pad // block_m + 1, device=segment.device) * block_m
+    kept_end = ends[torch.searchsorted(kept_slots, tile_ends)].to(torch.int32)
     if set_mode:
-        pixel_words = _place(pixel_labels[pixel_order], pixel_slot_sorted, n_pad, 0)
-        prototype_words = _place(prototype_labels[prototype_order], prototype_slot_sorted, m_pad, 0)
+        pixel_words = F.pad(pixel_labels[pixel_order], (0, 0, 0, n_pad - num_pixels))
+        prototype_words = pixel_words.new_zeros(m_pad, pixel_labels.shape[1])
+        prototype_words[slot_sorted] = prototype_labels[prototype_order]
     else:
-        pixel_words = prototype_words = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        pixel_words = prototype_words = torch.zeros(1, 1, dtype=torch.int64, device=segment.device)
 
     # 3-4. Tile loops and visit lists.
-    loop, positive = _tile_loops(pixel_ranges, live_pixels, kept_prototypes, pixel_words, prototype_words,
-                                 set_mode, block_n, block_m)
-    row_entries, row_counts = _visit_lists(loop, positive)
-    col_entries, col_counts = _visit_lists(loop.t(), positive.t())
-    pixel_slot = torch.empty_like(pixel_order)
-    pixel_slot[pixel_order] = pixel_slot_sorted
-    prototype_slot = torch.empty_like(prototype_order)
-    prototype_slot[prototype_order] = prototype_slot_sorted
-    return ContrastPlan(block_n, block_m, pixel_slot, prototype_slot, live_pixels, kept_prototypes, pixel_ranges,
-                        pixel_words, prototype_words, row_entries, row_counts, col_entries, col_counts, set_mode,
-                        num_pixels, num_prototypes)
+    lists = visit_lists(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
+                        block_n, block_m)
+    return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_kept, pixel_ranges, pixel_words, prototype_words, *lists, m_pad, set_mode)
 
 
-def _single_key(labels: torch.Tensor, kept: torch.Tensor, groups: Optional[torch.Tensor]) -> torch.Tensor:
-    """[rows] int64 group << 32 | (label + 1); rows that cannot take part: NOT_KEPT (sorted last)."""
+def _single_key(labels: torch.Tensor, groups: Optional[torch.Tensor], unlabelled: int) -> torch.Tensor:
+    """[rows] int64 group << 32 | (label + 1); unlabelled rows (label < 0): ``unlabelled``."""
     key = labels + 1 if groups is None else (groups << GROUP_SHIFT) | (labels + 1)
-    return torch.where(kept, key, NOT_KEPT)
+    return key.masked_fill(labels < 0, unlabelled)
 
 
 def _lexsort(columns: list[torch.Tensor]) -> torch.Tensor:
@@ -224,84 +203,83 @@ def _lexsort(columns: list[torch.Tensor]) -> torch.Tensor:
     return order
 
 
-def _slots(sorted_runs: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
-    """sorted_runs [k] non-decreasing run keys -> (slot of each row [k] int64, padded length): each of
-    the first ``ALIGNED_RUNS`` runs starts at a multiple of ``block``, later runs follow unpadded."""
-    rows = sorted_runs.shape[0]
-    index = torch.arange(rows, device=sorted_runs.device)
-    starts = torch.ones_like(sorted_runs, dtype=torch.bool)
-    starts[1:] = sorted_runs[1:] != sorted_runs[:-1]
-    run = torch.cumsum(starts, 0) - 1                                       # run of each row
-    run_start = torch.cummax(torch.where(starts, index, 0), 0).values       # its first row
-    length = torch.zeros_like(index).index_add_(0, run, torch.ones_like(index))   # [rows]: runs <= rows
-    padded = torch.where(index < aligned_runs(rows, block),
-                         (length + block - 1) // block * block, length)
-    base = torch.cumsum(padded, 0) - padded
-    return base[run] + index - run_start, padded_length(rows, block)
+def _slots(sorted_runs: torch.Tensor, block: int, budget: int) -> torch.Tensor:
+    """sorted_runs [k] non-decreasing run keys -> slot of each row [k] int64: after each run, padding up
+    to the next multiple of ``block``, for the first runs whose padding fits in ``budget`` slots."""
+    index = torch.arange(sorted_runs.shape[0], device=sorted_runs.device)
+    run_start = torch.searchsorted(sorted_runs, sorted_runs)
+    run_end = torch.searchsorted(sorted_runs, sorted_runs, right=True)
+    padding = (run_start - run_end) % block * (run_end == index + 1)       # at each run's last row
+    padding *= torch.cumsum(padding, 0) <= budget
+    return index + torch.cumsum(padding, 0) - padding
 
 
-def _place(values: torch.Tensor, slots: torch.Tensor, length: int, fill) -> torch.Tensor:
-    """values [k, ...] at rows ``slots`` of a [length, ...] tensor filled with ``fill``."""
-    out = values.new_full((length,) + tuple(values.shape[1:]), fill)
-    out[slots] = values
-    return out
+def _launchable(device: torch.device) -> bool:
+    """The plan's kernels run on CUDA. On the CPU the same rule runs in PyTorch (``visit_lists_reference``):
+    Triton's interpreter takes seconds per launch for these loop-heavy programs, so the loss tests use the
+    PyTorch rule and ``tests/test_pixel_segment_loss_plan.py`` checks the kernels against it."""
+    return device.type == "cuda"
 
 
-def _tile_loops(pixel_ranges, live_pixels, kept_prototypes, pixel_words, prototype_words, set_mode: bool,
-                block_n: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loop of every tile pair ([tiles_n, tiles_m] int64: UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT) and
-    whether a uniform pair is all positives ([tiles_n, tiles_m] bool), from per-tile summaries of the live
-    pixels' slot ranges. Conservative: a pair it cannot prove uniform is masked."""
-    tiles_n, tiles_m = pixel_ranges.shape[0] // block_n, kept_prototypes.shape[0] // block_m
-    live = live_pixels.view(tiles_n, block_n)
-    ranges = pixel_ranges.view(tiles_n, block_n, 5).long()
-    own, lo, hi, positive_lo, positive_hi = ranges.unbind(2)
+def visit_lists(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode: bool, block_n: int,
+                block_m: int):
+    """(row_entries, row_counts, col_entries, col_counts): the plan's kernels on CUDA, else the same rule
+    in PyTorch."""
+    if _launchable(pixel_ranges.device):
+        from spml_fast.triton_kernels.visit_plan import launch_visit_plan
+        return launch_visit_plan(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
+                                 block_n, block_m)
+    return visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
+                                 block_n, block_m)
 
-    def low(values, where=live):                                 # min over the chosen rows of each tile
-        return torch.where(where, values, BIG).amin(1)[:, None]
 
-    def high(values, where=live):
-        return torch.where(where, values, -BIG).amax(1)[:, None]
-    start = (torch.arange(tiles_m, device=live.device) * block_m)[None, :]
-    slot = torch.arange(kept_prototypes.shape[0], device=live.device)
-    kept_end = torch.where(kept_prototypes, slot + 1, 0).view(tiles_m, block_m).amax(1)[None, :]
-    kept_end = torch.maximum(kept_end, start)                    # end of the tile's kept segments
-    visit = (low(lo) < kept_end) & (high(hi) > start)            # some live pixel has a partner in the tile
-    partners = (high(lo) <= start) & (low(hi) >= kept_end)       # all its segments partners of all pixels
+def visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode: bool,
+                          block_n: int, block_m: int):
+    """``triton_kernels.visit_plan``'s rule and lists in PyTorch (the same outputs; entries past a
+    row's count are unspecified there, -1 here)."""
+    tiles_n, tiles_m = pixel_ranges.shape[0] // block_n, kept_end.shape[0]
+    rows = pixel_ranges.view(tiles_n, block_n, 5).long()
+    live = (torch.arange(pixel_ranges.shape[0], device=rows.device) < num_pixels).view(tiles_n, block_n)
+    own, lo, width, positive_lo, positive_width = rows.unbind(2)
+    hi, positive_hi = lo + width, positive_lo + positive_width
+    has_positives = live & (positive_width > 0)
+
+    def low(values, used=live):
+        return torch.where(used, values, BIG).amin(1)[:, None]
+    start = (torch.arange(tiles_m, device=rows.device) * block_m)[None, :]
+    end = torch.maximum(kept_end.long()[None, :], start)
+    visit = (low(lo) < end) & (low(-hi) < -start)
+    partners = (low(-lo) >= -start) & (low(hi) >= end)
     if set_mode:
-        pixel_any, pixel_all = _tile_bits(pixel_words, live, block_n)
-        prototype_any, prototype_all = _tile_bits(prototype_words, kept_prototypes.view(tiles_m, block_m), block_m)
-        all_positive = ((pixel_all[:, None, :] & prototype_all[None, :, :]) != 0).any(-1)
-        all_negative = ((pixel_any[:, None, :] & prototype_any[None, :, :]) == 0).all(-1)
+        pixel_or, pixel_and = _tile_words(pixel_words, live, block_n)
+        kept = (torch.arange(prototype_words.shape[0], device=rows.device).view(tiles_m, block_m)
+                < kept_end.long()[:, None])
+        prototype_or, prototype_and = _tile_words(prototype_words, kept, block_m)
+        all_positive = ((pixel_and[:, None, :] & prototype_and[None, :, :]) != 0).any(-1)
+        all_negative = ((pixel_or[:, None, :] & prototype_or[None, :, :]) == 0).all(-1)
     else:
-        has_positives = live & (positive_hi > positive_lo)
-        all_positive = (high(positive_lo) <= start) & (low(positive_hi) >= kept_end)
-        all_negative = (high(positive_hi, has_positives) <= start) | (low(positive_lo, has_positives) >= kept_end)
+        all_positive = (low(-positive_lo) >= -start) & (low(positive_hi) >= end)
+        all_negative = (low(-positive_hi, has_positives) >= -start) | (low(positive_lo, has_positives) >= end)
     uniform = visit & partners & (all_positive | all_negative)
-    owns = live & (own >= 0)
-    own_in_tile = (low(own, owns) < start + block_m) & (high(own, owns) >= start)
-    plain = (kept_end == start + block_m) & ~own_in_tile
+    plain = (end == start + block_m) & ((low(own) >= start + block_m) | (low(-own) > -start))
     loop = torch.where(uniform, torch.where(plain, UNIFORM, EXCLUDING), torch.where(visit, MASKED_LOOP, NO_VISIT))
-    return loop, all_positive & uniform
+    positive = (uniform & all_positive).long()
+    lists = []
+    for loops, flags in ((loop, positive), (loop.t(), positive.t())):
+        others = loops.shape[1]
+        entry = torch.arange(others, device=rows.device)[None, :] * 2 + flags
+        ordered = torch.sort(loops * 2 * others + entry, dim=1).values
+        entries = torch.where(ordered < 2 * others * NO_VISIT, ordered % (2 * others), -1)
+        counts = torch.stack([(loops <= kind).sum(1) for kind in (UNIFORM, EXCLUDING, MASKED_LOOP)], 1)
+        lists += [entries.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()]
+    return tuple(lists)
 
 
-def _tile_bits(words: torch.Tensor, rows_used: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile of ``block`` rows: (OR, AND) of the used rows' class-set words, [tiles, W] int64 each
-    (AND of no row: all ones, OR of no row: 0), from their bits."""
-    tiles = rows_used.shape[0]
+def _tile_words(words: torch.Tensor, used: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile of ``block`` rows: (OR, AND) of the used rows' int64 class-set words, [tiles, W] each."""
+    tiles = used.shape[0]
     shifts = torch.arange(64, device=words.device)
     bits = ((words.view(tiles, block, -1, 1) >> shifts) & 1).bool()         # [tiles, block, W, 64]
-    used = rows_used[:, :, None, None]
-    any_bits, all_bits = (bits & used).any(1), (bits | ~used).all(1)          # [tiles, W, 64]
-    weights = torch.ones(64, dtype=torch.int64, device=words.device) << shifts   # bit 63 wraps to the sign
-    return (any_bits.long() * weights).sum(-1), (all_bits.long() * weights).sum(-1)
-
-
-def _visit_lists(loop: torch.Tensor, positive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's visits sorted by loop (uniform, excluding, masked; then by tile): ([rows, cols] int32
-    entries = col x 2 + positive, [rows, 3] int32 ends of the three loops' visits)."""
-    cols = loop.shape[1]
-    entry = torch.arange(cols, device=loop.device)[None, :] * 2 + positive.long()
-    ordered = torch.sort((loop * (2 * cols) + entry).to(torch.int32), dim=1).values
-    ends = torch.stack([(loop <= kind).sum(1) for kind in (UNIFORM, EXCLUDING, MASKED_LOOP)], 1)
-    return (ordered % (2 * cols)).contiguous(), ends.to(torch.int32).contiguous()
+    used = used[:, :, None, None]
+    weights = torch.ones(64, dtype=torch.int64, device=words.device) << shifts   # bit 63: the sign bit
+    return (((bits & used).any(1).long() * weights).sum(-1), ((bits | ~used).all(1).long() * weights).sum(-1))

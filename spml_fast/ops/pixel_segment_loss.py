@@ -51,33 +51,31 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         prepared = prepare(embeddings, inputs)
         lse_positive_other, lse_negative, num_positive_other = stats(embeddings, prototypes, inputs, prepared)
         dtype = accumulation_dtype(embeddings)
-        own_logit = inputs.kappa * torch.einsum(
-            "nd,nd->n", embeddings.to(dtype), prototypes.to(dtype).index_select(0, inputs.segment))
+        own_logit = (embeddings.to(dtype) * prototypes.index_select(0, inputs.segment).to(dtype)).sum(1) * inputs.kappa
         has_other_positive = num_positive_other > 0
         lse_positive = torch.where(has_other_positive, lse_positive_other, own_logit)
         lse_all = torch.logaddexp(lse_positive, lse_negative)
-        participating = participating_pixels(inputs.labels.pixel)
-        zero = torch.zeros_like(lse_all)
-        # where, not a multiplication: a non-participating pixel (NaN embedding, say) never reaches the mean
-        per_pixel = torch.where(participating, lse_all - lse_positive, zero)          # [N] accumulation dtype
-        # d L / d own_logit: the own segment is in S+ only when no other positive exists.
-        own_grad = torch.where(participating & ~has_other_positive, torch.exp(own_logit - lse_all) - 1.0, zero)
-        ctx.save_for_backward(embeddings, prototypes, lse_positive, lse_all, own_grad, participating)
+        left_out = ~participating_pixels(inputs.labels.pixel)
+        # masked, not multiplied: a non-participating pixel (NaN embedding, say) never reaches the mean
+        per_pixel = (lse_all - lse_positive).masked_fill(left_out, 0.0)                # [N] accumulation dtype
+        # kappa * d L / d own_logit: the own segment is in S+ only when no other positive exists.
+        own_grad = (torch.expm1(own_logit - lse_all) * inputs.kappa).masked_fill(left_out | has_other_positive, 0.0)
+        ctx.save_for_backward(embeddings, prototypes, lse_positive, lse_all, own_grad, left_out)
         ctx.inputs, ctx.backend, ctx.prepared = inputs, backend, prepared
         return per_pixel
 
     @staticmethod
     def backward(ctx, grad_per_pixel):
-        embeddings, prototypes, lse_positive, lse_all, own_grad, participating = ctx.saved_tensors
+        embeddings, prototypes, lse_positive, lse_all, own_grad, left_out = ctx.saved_tensors
         inputs = ctx.inputs
         _, _, grads = _PATHS[ctx.backend]
         dtype = accumulation_dtype(embeddings)
-        pixel_grad = torch.where(participating, grad_per_pixel.to(dtype), 0.0).contiguous()
+        pixel_grad = grad_per_pixel.to(dtype).masked_fill(left_out, 0.0)
         grad_embeddings, grad_prototypes = grads(embeddings, prototypes, inputs, ctx.prepared,
                                                  lse_positive, lse_all, pixel_grad)
-        own_scale = (inputs.kappa * pixel_grad * own_grad)[:, None]                # [N, 1]
-        grad_embeddings += own_scale * prototypes.to(dtype).index_select(0, inputs.segment)
-        own_terms = torch.where(participating[:, None], own_scale * embeddings.to(dtype), 0.0)
+        own_scale = (pixel_grad * own_grad)[:, None]                                  # [N, 1]
+        grad_embeddings.addcmul_(own_scale, prototypes.index_select(0, inputs.segment).to(dtype))
+        own_terms = embeddings.to(dtype).masked_fill(left_out[:, None], 0.0) * own_scale
         grad_prototypes += segment_sum_sorted(own_terms, inputs.segment, grad_prototypes.shape[0])
         return grad_embeddings.to(embeddings.dtype), grad_prototypes.to(prototypes.dtype), None, None
 
@@ -124,11 +122,13 @@ def pixel_segment_loss(embeddings: torch.Tensor, prototypes: torch.Tensor, segme
     check.check_same_kind("prototypes", prototypes, "embeddings", embeddings)
     num_prototypes = prototypes.shape[0]
     device = embeddings.device
-    segment = check.check_index_vector("segment", segment, num_pixels, device, upper=num_prototypes)
+    ranges = check.RangeChecks()
+    segment = check.check_index_vector("segment", segment, num_pixels, device, upper=num_prototypes, ranges=ranges)
     pixel_labels, prototype_labels = check.check_labels(pixel_labels, prototype_labels,
-                                                        num_pixels, num_prototypes, device)
+                                                        num_pixels, num_prototypes, device, ranges)
     pixel_groups, prototype_groups = check.check_groups(pixel_groups, prototype_groups,
-                                                        num_pixels, num_prototypes, device)
+                                                        num_pixels, num_prototypes, device, ranges)
+    ranges.assert_all()
     kappa = check.check_kappa(kappa)
     reduction = check.check_reduction(reduction)
     inputs = LossInputs(segment, check.Labels(pixel_labels, prototype_labels, pixel_groups, prototype_groups),
