@@ -144,7 +144,7 @@ def visit_plan(case: dict) -> dict:
     from spml_fast.ops.contrast_plan import build_plan
     from spml_fast.triton_kernels.configs import CONTRAST
     inputs = make_inputs(case, "cpu")
-    config = CONTRAST[("sm90", 128)]
+    config = CONTRAST[("sm90", 64)]
     plan = build_plan(inputs["segment"], inputs["pixel_labels"], inputs["prototype_labels"],
                       inputs.get("pixel_groups"), inputs.get("prototype_groups"), config.block_n, config.block_m)
     return plan.describe()

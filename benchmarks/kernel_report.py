@@ -5,7 +5,7 @@ For each kernel x label mode x architecture x D, at the configuration the
 library pins for it (``triton_kernels/configs.py``): registers, spilled
 bytes (local memory), shared memory, and for each main tile loop (the
 outermost loops that hold a tensor-core instruction, in code order: the
-loss kernels' pass 1, unmasked, then pass 2, masked) the instructions per
+loss kernels' pass 1, uniform, pass 2, excluding, pass 3, masked) the instructions per
 (pixel, segment) pair, the exps (MUFU) per pair and the tensor-core
 instructions per pair:
 
@@ -82,7 +82,7 @@ def _signature(fn, pointer_types: dict, constexprs: dict) -> tuple[dict, dict]:
             signature[name] = pointer_types[name]
             aligned.append(name)
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
+            signature[name] = "fp32" if name in ("scale", "kappa") else "i32"
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     return signature, attrs
 
@@ -145,10 +145,11 @@ def _resources(usage: str, sass: str) -> dict:
 
 def _loss_pointers(dtype: str) -> dict:
     element = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
-    pointers = dict(embeddings=element, prototypes=element, pixel_ranges="*i32", pixel_words="*i32",
-                    prototype_words="*i32", row_ptr="*i32",
-                    row_split="*i32", row_entries="*i32", col_ptr="*i32", col_split="*i32", col_entries="*i32")
-    for name in ("max_out", "positive_out", "negative_out", "row_stats", "grad_out", "partial_out"):
+    pointers = dict(embeddings=element, prototypes=element, pixel_ranges="*i32", pixel_words="*i64",
+                    prototype_words="*i64", visit_entries="*i32", visit_counts="*i32", pixel_index="*i64")
+    pointers["flags"] = "*i32"
+    for name in ("outputs", "lse_all", "lse_positive",
+                 "pixel_grad", "grad_scale", "grad_out", "partial_out", "row_stats"):
         pointers[name] = "*fp32"
     return pointers
 
@@ -156,20 +157,21 @@ def _loss_pointers(dtype: str) -> dict:
 def loss_kernels():
     from spml_fast.triton_kernels.pixel_segment_bwd import grad_embeddings_kernel, grad_prototypes_kernel
     from spml_fast.triton_kernels.pixel_segment_fwd import pixel_segment_lse_kernel
-    return {"forward": (pixel_segment_lse_kernel, "forward"),
-            "grad_embeddings": (grad_embeddings_kernel, "grad_embeddings"),
-            "grad_prototypes": (grad_prototypes_kernel, "grad_prototypes")}
+    return {"forward": (pixel_segment_lse_kernel, "forward", dict(EXACT=False)),
+            "forward_exact": (pixel_segment_lse_kernel, "forward", dict(EXACT=True)),     # the rare redo
+            "grad_embeddings": (grad_embeddings_kernel, "grad_embeddings", {}),
+            "grad_prototypes": (grad_prototypes_kernel, "grad_prototypes", {})}
 
 
 def report_loss_kernel(name: str, mode: str, arch: str, dim: int, dtype: str = "bfloat16") -> KernelReport:
     from spml_fast.triton_kernels.configs import CONTRAST, _lookup
     from spml_fast.triton_kernels.utils import block_dim
-    fn, launch_name = loss_kernels()[name]
+    fn, launch_name, variant = loss_kernels()[name]
     block_d = block_dim(dim)
     config = _lookup(CONTRAST, arch, block_d)
     launch = getattr(config, launch_name)
-    constexprs = dict(MODES[mode], IEEE=dtype == "float32", BLOCK_N=config.block_n, BLOCK_M=config.block_m,
-                      BLOCK_D=block_d)
+    constexprs = dict(MODES[mode], **variant, IEEE=dtype == "float32", BLOCK_N=config.block_n,
+                      BLOCK_M=config.block_m, BLOCK_D=block_d)
     base = dict(kernel=name, mode=mode, arch=arch, dim=dim, dtype=dtype, block_n=config.block_n,
                 block_m=config.block_m, num_warps=launch.num_warps, num_stages=launch.num_stages)
     try:
@@ -271,21 +273,24 @@ def _loop_cell(loop: Optional[dict]) -> str:
 def to_markdown(reports: list[dict], environment: dict) -> str:
     lines = [f"Static kernel report ({environment.get('triton', '')}; compiled on the CPU, bfloat16 inputs). "
              "Per (pixel, segment) pair and thread: instructions / MUFU (exp) / tensor-core instructions "
-             "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = masked tiles; "
+             "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = excluding tiles (uniform "
+             "less the own segment and empty slots: one column test per pair), pass 3 = masked tiles (forward: one "
+             "max per tile shared by both sets; forward_exact, the redo of flagged rows: one max per set); "
              "tree_filter (float32, no tensor cores): per (node, channel), pass 1 = leaves to root, "
              "pass 2 = root to leaves.", "",
              "| kernel | mode | arch | D | tile | warps/stages | registers | spills (B / LDL+STL) | shared B | pass 1 | "
-             "pass 2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pass 2 | pass 3 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         loops = r["loops"]
         if r.get("error"):
             lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | - | - | error: "
-                         f"{r['error'][:80]} | | | | |")
+                         f"{r['error'][:80]} | | | | | |")
             continue
         lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | {r['block_n']}x{r['block_m']} | "
                      f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} / {r['spill_instructions']} | "
                      f"{r['shared_bytes']} | {_loop_cell(loops[0] if loops else None)} | "
-                     f"{_loop_cell(loops[1] if len(loops) > 1 else None)} |")
+                     f"{_loop_cell(loops[1] if len(loops) > 1 else None)} | "
+                     f"{_loop_cell(loops[2] if len(loops) > 2 else None)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -310,7 +315,7 @@ def relation_plans(side: int = 512, images: int = 8) -> list[dict]:
 
     def recording(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, block_n, block_m):
         from spml_fast.triton_kernels.configs import CONTRAST
-        sm90 = CONTRAST[("sm90", 128)]
+        sm90 = CONTRAST[("sm90", 64)]
         plan = real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, sm90.block_n,
                     sm90.block_m)
         kind = "I" if pixel_groups is not None else ("O" if pixel_labels.dim() == 2 else "C")

@@ -193,9 +193,10 @@ def test_kernels_on_spml_batches_match_dense(set_mode, with_groups, dtype):
 
 @NEEDS_TRITON
 @pytest.mark.parametrize("kappa", [64.0, 200.0])
-def test_far_apart_sets_stay_exact(kappa):
+def test_far_apart_sets_stay_exact(kappa, monkeypatch):
     """kappa = 64 and 200: a pixel's positives lie 128-400 nats below its negatives, past float32's range
-    under one shared max; each set keeps its own max in the kernels, so both stay exact."""
+    under the masked loop's shared max: the fast launch flags the rows, the exact launch (each set its
+    own max) redoes them; without it the positive sets are lost."""
     device = device_for("triton")
     dim = 8
     axis = F.normalize(torch.ones(dim), dim=0)
@@ -212,6 +213,10 @@ def test_far_apart_sets_stay_exact(kappa):
                                         reduction="none")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-3)
+    from spml_fast.triton_kernels import pixel_segment_fwd
+    monkeypatch.setattr(pixel_segment_fwd, "LAUNCHES", (False,))
+    fast_only = pixel_segment_loss(*args, kappa=kappa, reduction="none", backend="triton")
+    assert not torch.allclose(fast_only.double(), expected.double(), rtol=1e-3, atol=1e-1)
 
 
 @NEEDS_TRITON

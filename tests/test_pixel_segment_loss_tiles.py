@@ -1,5 +1,5 @@
-"""The loss kernels at the tile shapes a GPU runs: the pinned sm90 configuration (64 x 128 tiles for
-D <= 128, 16 x 64 for D <= 256) through the interpreter, against the float64 dense reference, at sizes
+"""The loss kernels at the tile shapes a GPU runs: the pinned sm90 configurations (64 x 128 tiles for
+D <= 64, 64 x 64 for D <= 128, 16 x 64 for D <= 256) through the interpreter, against the float64 dense reference, at sizes
 that leave ragged tiles; and the same bits run to run in fresh processes on the CPU, both backends."""
 import os
 import subprocess
@@ -23,11 +23,12 @@ def loss_and_grads(loss_fn, problem, **kwargs):
 
 @NEEDS_TRITON
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="on a GPU the compiled kernels run these shapes (test_gpu_kernels)")
-@pytest.mark.parametrize("mode,dim", [("single", 32), ("set", 32), ("single+groups", 160)])
+@pytest.mark.parametrize("mode,dim", [("single", 32), ("set", 32), ("single", 96), ("single+groups", 160)])
 def test_sm90_tiles_through_the_interpreter(monkeypatch, mode, dim):
     import spml_fast.triton_kernels.configs as configs
+    from spml_fast.triton_kernels.utils import block_dim
     monkeypatch.setattr(configs, "architecture", lambda device: "sm90")
-    config = configs.contrast_config(torch.device("cpu"), 256 if dim > 128 else 128)
+    config = configs.contrast_config(torch.device("cpu"), block_dim(dim))
     # two and a bit tiles each way: uniform, masked and ragged tiles at the shipped BLOCK sizes
     problem = make_problem(2 * config.block_n + 11, 2 * config.block_m + 5, dim=dim, mode=mode)
     got = loss_and_grads(pixel_segment_loss, problem, backend="triton")

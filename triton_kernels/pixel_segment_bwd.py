@@ -6,9 +6,11 @@ dL/dlogit for a pair (unit upstream gradient g, own segment excluded) is
                = exp(l - lse_positive) * (exp(lse_positive - lse_all) - 1)
 so each pair costs one exp2 with a per-row offset and a per-row factor,
 both bounded (exponent <= 0, factor in [-1, 0]): nothing overflows, for any
-kappa. Each program derives them for the pixels of a tile (``_row_stats``)
+kappa. The dE kernel derives them for the pixels of its tile (``_row_stats``)
 from the forward's lse over S+ and over S u S- and the upstream gradient,
-read in the pixels' original rows through the plan's ``pixel_index``:
+read in the pixels' original rows through the plan's ``pixel_index``, and
+stores them per slot ([n_pad, 4] float32) for the dP kernel, which runs
+after it:
 (offset S-, offset S+, factor S-, factor S+) in log2 units, the upstream
 gradient scaled to [-1, 1] (by ``grad_scale``, its largest magnitude, so
 that fp16 tiles of G keep their precision) folded into the factors; padded
@@ -36,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LN2, LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
+from .utils import (LN2, LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_partners, tile_positives,
                     visit_bounds)
 
 
@@ -51,13 +53,13 @@ def _one_set_grad(logits, is_positive, offset_negative, offset_positive, factor_
 
 
 @triton.jit
-def _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative, factor_positive,
+def _masked_grad(logits, positive, offset_negative, offset_positive, factor_negative, factor_positive,
                  TRANSPOSED: tl.constexpr):
-    """G of a masked tile; per-pixel offsets and factors [pixels]."""
+    """G of a masked tile: logits -inf off the partners, ``positive`` the positives among the rest;
+    per-pixel offsets and factors [pixels]."""
     offset = tl.where(positive, _per_pixel(offset_positive, TRANSPOSED), _per_pixel(offset_negative, TRANSPOSED))
-    factor = tl.where(positive, _per_pixel(factor_positive, TRANSPOSED),
-                      tl.where(negative, _per_pixel(factor_negative, TRANSPOSED), 0.0))
-    return tl.math.exp2(tl.where(positive | negative, logits, float("-inf")) - offset) * factor
+    factor = tl.where(positive, _per_pixel(factor_positive, TRANSPOSED), _per_pixel(factor_negative, TRANSPOSED))
+    return tl.math.exp2(logits - offset) * factor
 
 
 @triton.jit
@@ -89,8 +91,8 @@ def grad_embeddings_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
     visit_entries, visit_counts, tiles_m,
-    pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,    # [n_pad] int32, [N] float32 x 3, [1]
-    grad_out, dim,                                                 # [N, dim] float32
+    pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,    # [n_pad] int64, [N] float32 x 3, [1]
+    grad_out, dim, row_stats,                      # [N, dim] float32; out: [n_pad, 4] float32 (_row_stats)
     scale, kappa,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -101,6 +103,11 @@ def grad_embeddings_kernel(
     own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
     offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
         pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
+    stats = row_stats + offs_n * 4
+    tl.store(stats, offset_negative)
+    tl.store(stats + 1, offset_positive)
+    tl.store(stats + 2, factor_negative)
+    tl.store(stats + 3, factor_positive)
     entries, uniform_end, excluding_end, masked_end = visit_bounds(visit_entries, visit_counts, tile, tiles_m)
     accumulator = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)                  # dE tile
 
@@ -129,11 +136,12 @@ def grad_embeddings_kernel(
     for visit in range(excluding_end, masked_end):
         offs_m = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         prototype_tile = load_tile(prototypes, offs_m, BLOCK_D)
-        logits = dot(pixels, tl.trans(prototype_tile), IEEE) * scale
-        positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
-                                             pixel_words, prototype_words, SET_MODE, NUM_WORDS, False)
-        grad = _masked_grad(logits, positive, negative, offset_negative, offset_positive, factor_negative,
-                            factor_positive, False)
+        similarity = dot(pixels, tl.trans(prototype_tile), IEEE)
+        logits = tl.where(tile_partners(offs_m, own, lo, width, False), similarity * scale, float("-inf"))
+        positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                  SET_MODE, NUM_WORDS, False)
+        grad = _masked_grad(logits, positive, offset_negative, offset_positive, factor_negative, factor_positive,
+                            False)
         accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
     index = tl.load(pixel_index + offs_n)
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,7 +154,7 @@ def grad_prototypes_kernel(
     embeddings, prototypes,
     pixel_ranges, pixel_words, prototype_words,
     visit_entries, visit_counts, tiles_n,
-    pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,
+    row_stats, grad_scale,                                          # from grad_embeddings_kernel; [1]
     partial_out,                                                    # [S, m_pad, BLOCK_D] float32
     scale, kappa, m_pad,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
@@ -167,11 +175,10 @@ def grad_prototypes_kernel(
         entry = tl.load(entries + visit)
         offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
-            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
+        stats = row_stats + offs_n * 4 + (entry & 1)                        # the tile's set: S+ or S-
+        offset, factor = tl.load(stats), tl.load(stats + 2)
         logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale     # [BM, BN]
-        grad_t = _one_set_grad(logits_t, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
-                               factor_positive, True)
+        grad_t = tl.math.exp2(logits_t - offset[None, :]) * factor[None, :]
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
 
     # Pass 2: uniform tiles less the own segment and the empty slots.
@@ -179,26 +186,27 @@ def grad_prototypes_kernel(
         entry = tl.load(entries + visit)
         offs_n = (entry >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
-            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
+        stats = row_stats + offs_n * 4 + (entry & 1)
+        offset, factor = tl.load(stats), tl.load(stats + 2)
         own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
         similarity_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE)
         logits_t = tl.where(tile_partners(offs_m, own, lo, width, True), similarity_t * scale, float("-inf"))
-        grad_t = _one_set_grad(logits_t, (entry & 1) != 0, offset_negative, offset_positive, factor_negative,
-                               factor_positive, True)
+        grad_t = tl.math.exp2(logits_t - offset[None, :]) * factor[None, :]
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
 
     # Pass 3: masked tiles.
     for visit in range(tl.maximum(begin, excluding_end), end):
         offs_n = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         pixel_tile = load_tile(embeddings, offs_n, BLOCK_D)
-        offset_negative, offset_positive, factor_negative, factor_positive = _row_stats(
-            pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_n)
+        stats = row_stats + offs_n * 4
+        offset_negative, offset_positive = tl.load(stats), tl.load(stats + 1)
+        factor_negative, factor_positive = tl.load(stats + 2), tl.load(stats + 3)
         own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
-        logits_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE) * scale
-        positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
-                                             pixel_words, prototype_words, SET_MODE, NUM_WORDS, True)
-        grad_t = _masked_grad(logits_t, positive, negative, offset_negative, offset_positive, factor_negative,
+        similarity_t = dot(prototype_tile, tl.trans(pixel_tile), IEEE)
+        logits_t = tl.where(tile_partners(offs_m, own, lo, width, True), similarity_t * scale, float("-inf"))
+        positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                  SET_MODE, NUM_WORDS, True)
+        grad_t = _masked_grad(logits_t, positive, offset_negative, offset_positive, factor_negative,
                               factor_positive, True)
         accumulator += dot(grad_t.to(pixel_tile.dtype), pixel_tile, IEEE)
     tl.store(partial_out + (split_index.to(tl.int64) * m_pad + offs_m[:, None]) * BLOCK_D
@@ -229,14 +237,15 @@ def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototype
                  BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d)
     scale = kappa * LOG2E
     grad_embeddings = torch.zeros(pixel_grad.shape[0], dim, device=device, dtype=torch.float32)
+    row_stats = torch.empty(plan.n_pad, 4, device=device, dtype=torch.float32)
     grad_embeddings_kernel[(plan.tiles_n,)](
         sorted_embeddings, sorted_prototypes, *meta, plan.row_entries, plan.row_counts, plan.tiles_m, *stats,
-        grad_embeddings, dim, scale, kappa, **flags,
+        grad_embeddings, dim, row_stats, scale, kappa, **flags,
         num_warps=config.grad_embeddings.num_warps, num_stages=config.grad_embeddings.num_stages)
     splits = prototype_splits(plan.tiles_n, plan.tiles_m, config)
     partials = torch.empty(splits, m_pad, block_d, device=device, dtype=torch.float32)
     grad_prototypes_kernel[(plan.tiles_m, splits)](
-        sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, *stats,
-        partials, scale, kappa, m_pad, **flags,
+        sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, row_stats,
+        grad_scale, partials, scale, kappa, m_pad, **flags,
         num_warps=config.grad_prototypes.num_warps, num_stages=config.grad_prototypes.num_stages)
     return grad_embeddings, partials.sum(0)

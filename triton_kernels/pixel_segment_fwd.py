@@ -12,12 +12,20 @@ max's term (1), so nothing underflows whatever kappa:
   pass 2, excluding tiles: the same, less the pixel's own segment and the
           empty slots past its group (one column test per pair);
   pass 3, masked tiles: membership per pair (label / group / own segment /
-          empty slots), each set's tile max apart, one exp per pair with the
-          shift of the pair's set.
+          empty slots), one max per tile shared by both sets, one exp per
+          pair; each set's tile sum then joins its running max and sum.
+
+A shared max can leave a set's tile sum at (or near) zero when the other set
+is ~100 log2 units above it (kappa * similarity gaps above ~70: never with
+unit vectors and kappa < 35). The fast launch flags such rows (the set has
+members in the tile, its tile sum < 2^-100) in ``flags``; a second launch
+with ``EXACT`` (each set its own max in pass 3: two max reductions per pair)
+recomputes the flagged rows, its programs without a flagged row return at
+once. No read-back: both launches are always made.
 
 Stored per participating pixel, in its original row (``pixel_index``): the
-natural-log lse of S+ and of S- (-inf when empty; a set's sum holds 1 for
-its max, so "empty" is "sum < 1") and whether S+ is not empty.
+natural-log lse of S+ and of S- (-inf when empty) and whether S+ is not
+empty.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LN2, LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_membership, tile_partners,
+from .utils import (LN2, LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_partners, tile_positives,
                     visit_bounds)
 
 
@@ -42,19 +50,72 @@ def _merge_one_set(logits, is_positive, max_positive, sum_positive, max_negative
             tl.where(is_positive, max_negative, new_max), tl.where(is_positive, sum_negative, total))
 
 
+LAUNCHES = (False, True)          # EXACT of the two launches (tests take the second away to see it work)
+
+
+@triton.jit
+def _merge_tile_sum(running_max, running_sum, tile_shift, tile_sum):
+    """Add a set's tile sum (relative to ``tile_shift``, [BN]) to its running max and sum."""
+    new_max = tl.where(tile_sum > 0, tl.maximum(running_max, tile_shift), running_max)
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    return new_max, running_sum * tl.math.exp2(running_max - safe) + tile_sum * tl.math.exp2(
+        tl.where(tile_sum > 0, tile_shift - safe, float("-inf")))
+
+
+@triton.jit
+def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, prototype_words, pixel_words,
+                     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per pixel of a masked tile, whether S+ and S- may have members there ([BN] bool each), from the
+    ranges (and, in set mode, the OR and AND of the tile's class-set words): conservative."""
+    start = tl.min(offs_m, axis=0).to(tl.int32)
+    end = start + BLOCK_M
+    hi = lo + width.to(tl.int32)
+    partners = tl.minimum(hi, end) - tl.maximum(lo, start)
+    if SET_MODE:
+        may_positive = partners > 0
+        may_negative = partners > 0
+        shares_any = tl.zeros_like(lo) != 0
+        shares_all = tl.zeros_like(lo) != 0
+        for word in tl.static_range(NUM_WORDS):
+            words = tl.load(prototype_words + offs_m * NUM_WORDS + word)
+            row_words = tl.load(pixel_words + offs_n * NUM_WORDS + word)
+            shares_any = shares_any | ((row_words & tl.reduce(words, 0, _or)) != 0)
+            shares_all = shares_all | ((row_words & tl.reduce(words, 0, _and)) != 0)
+        return may_positive & shares_any, may_negative & ~shares_all
+    else:
+        positive_hi = positive_lo + positive_width.to(tl.int32)
+        positives = tl.maximum(tl.minimum(positive_hi, end) - tl.maximum(positive_lo, start), 0)
+        return positives > 0, tl.maximum(partners, 0) > positives
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _and(a, b):
+    return a & b
+
+
 @triton.jit
 def pixel_segment_lse_kernel(
     embeddings, prototypes,                          # [n_pad, BLOCK_D], [m_pad, BLOCK_D], sorted, zero-padded
-    pixel_ranges, pixel_words, prototype_words,      # the plan's membership data (utils.tile_membership)
+    pixel_ranges, pixel_words, prototype_words,      # the plan's membership data (utils.tile_partners, tile_positives)
     visit_entries, visit_counts, tiles_m,            # the plan's visit row of each pixel tile
-    pixel_index,                                     # [n_pad] int32: original row of each slot (-1: none)
-    lse_positive_out, lse_negative_out, has_positive_out,   # [N] float32 each
+    pixel_index,                                     # [n_pad] int64: original row of each slot (-1: none)
+    outputs, num_pixels,                             # [3, N] float32: lse S+, lse S-, S+ not empty
+    flags,                                           # [n_pad] int32: the fast launch writes, the exact reads
     scale,                                           # kappa * log2(e)
-    SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr,
+    SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
     offs_n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EXACT:
+        flagged = tl.load(flags + offs_n) != 0
+        if tl.max(flagged.to(tl.int32), axis=0) == 0:
+            return
     pixels = load_tile(embeddings, offs_n, BLOCK_D)
     own, lo, width, positive_lo, positive_width = load_row_ranges(pixel_ranges, offs_n)
     max_positive = tl.full([BLOCK_N], float("-inf"), tl.float32)
@@ -81,34 +142,57 @@ def pixel_segment_lse_kernel(
             logits, (entry & 1) != 0, max_positive, sum_positive, max_negative, sum_negative)
 
     # Pass 3: masked tiles.
+    lost = tl.zeros([BLOCK_N], tl.int32)
     for visit in range(excluding_end, masked_end):
         offs_m = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        logits = dot(pixels, tl.trans(load_tile(prototypes, offs_m, BLOCK_D)), IEEE) * scale
-        positive, negative = tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
-                                             pixel_words, prototype_words, SET_MODE, NUM_WORDS, False)
-        logits_positive = tl.where(positive, logits, float("-inf"))
-        logits_negative = tl.where(negative, logits, float("-inf"))
-        new_positive = tl.maximum(max_positive, tl.max(logits_positive, axis=1))
-        new_negative = tl.maximum(max_negative, tl.max(logits_negative, axis=1))
-        shift_positive = tl.where(new_positive == float("-inf"), 0.0, new_positive)
-        shift_negative = tl.where(new_negative == float("-inf"), 0.0, new_negative)
-        exps = tl.math.exp2(tl.where(positive, logits_positive - shift_positive[:, None],
-                                     logits_negative - shift_negative[:, None]))        # 0 off both sets
-        sum_positive = sum_positive * tl.math.exp2(max_positive - shift_positive) \
-            + tl.sum(tl.where(positive, exps, 0.0), axis=1)
-        sum_negative = sum_negative * tl.math.exp2(max_negative - shift_negative) \
-            + tl.sum(tl.where(positive, 0.0, exps), axis=1)
-        max_positive, max_negative = new_positive, new_negative
+        similarity = dot(pixels, tl.trans(load_tile(prototypes, offs_m, BLOCK_D)), IEEE)
+        masked = tl.where(tile_partners(offs_m, own, lo, width, False), similarity, float("-inf"))
+        if EXACT:       # each set its own max: nothing underflows
+            positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                      SET_MODE, NUM_WORDS, False)
+            logits_positive = tl.where(positive, masked * scale, float("-inf"))
+            logits_negative = tl.where(positive, float("-inf"), masked * scale)
+            new_positive = tl.maximum(max_positive, tl.max(logits_positive, axis=1))
+            new_negative = tl.maximum(max_negative, tl.max(logits_negative, axis=1))
+            shift_positive = tl.where(new_positive == float("-inf"), 0.0, new_positive)
+            shift_negative = tl.where(new_negative == float("-inf"), 0.0, new_negative)
+            exps = tl.math.exp2(tl.where(positive, logits_positive - shift_positive[:, None],
+                                         logits_negative - shift_negative[:, None]))    # 0 off the partners
+            sum_positive = sum_positive * tl.math.exp2(max_positive - shift_positive) \
+                + tl.sum(tl.where(positive, exps, 0.0), axis=1)
+            sum_negative = sum_negative * tl.math.exp2(max_negative - shift_negative) \
+                + tl.sum(tl.where(positive, 0.0, exps), axis=1)
+            max_positive, max_negative = new_positive, new_negative
+        else:           # one max per tile, shared by both sets
+            tile_max = tl.max(masked, axis=1) * scale
+            shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            exps = tl.math.exp2(masked * scale - shift[:, None])                       # 0 off the partners
+            positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                      SET_MODE, NUM_WORDS, False)
+            tile_positive = tl.sum(tl.where(positive, exps, 0.0), axis=1)
+            tile_negative = tl.sum(tl.where(positive, 0.0, exps), axis=1)
+            may_positive, may_negative = _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width,
+                                                          prototype_words, pixel_words, SET_MODE, NUM_WORDS,
+                                                          BLOCK_M)
+            lost |= ((may_positive & (tile_positive < 7.888609052210118e-31)) |
+                     (may_negative & (tile_negative < 7.888609052210118e-31))).to(tl.int32)   # 2^-100
+            max_positive, sum_positive = _merge_tile_sum(max_positive, sum_positive, shift, tile_positive)
+            max_negative, sum_negative = _merge_tile_sum(max_negative, sum_negative, shift, tile_negative)
 
     index = tl.load(pixel_index + offs_n)
     stored = index >= 0
+    if EXACT:
+        stored = stored & flagged
+    else:
+        tl.store(flags + offs_n, lost)
     index = index.to(tl.int64)
-    has_positive = sum_positive >= 1.0
-    tl.store(lse_positive_out + index, tl.where(has_positive, (max_positive + tl.log2(tl.maximum(sum_positive, 1.0)))
-                                                * LN2, float("-inf")), mask=stored)
-    tl.store(lse_negative_out + index, tl.where(sum_negative >= 1.0, (max_negative + tl.log2(tl.maximum(
-        sum_negative, 1.0))) * LN2, float("-inf")), mask=stored)
-    tl.store(has_positive_out + index, has_positive.to(tl.float32), mask=stored)
+    has_positive = sum_positive > 0
+    has_negative = sum_negative > 0
+    tl.store(outputs + index, tl.where(has_positive, (max_positive + tl.log2(tl.where(has_positive, sum_positive, 1.0)))
+                                       * LN2, float("-inf")), mask=stored)
+    tl.store(outputs + num_pixels + index, tl.where(has_negative, (max_negative + tl.log2(
+        tl.where(has_negative, sum_negative, 1.0))) * LN2, float("-inf")), mask=stored)
+    tl.store(outputs + 2 * num_pixels + index, has_positive.to(tl.float32), mask=stored)
 
 
 def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor, plan, config,
@@ -118,12 +202,15 @@ def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes:
     Returns [3, N] float32: lse over S+ and over S- less the own segment (natural log, -inf when empty)
     and 1.0 where S+ less it is not empty; 0 for pixels that do not participate."""
     block_d = sorted_embeddings.shape[1]
-    outputs = torch.zeros(3, plan.pixel_order.shape[0], device=sorted_embeddings.device, dtype=torch.float32)
-    pixel_segment_lse_kernel[(plan.tiles_n,)](
-        sorted_embeddings, sorted_prototypes, plan.pixel_ranges, plan.pixel_words, plan.prototype_words,
-        plan.row_entries, plan.row_counts, plan.tiles_m, plan.pixel_index, outputs[0], outputs[1], outputs[2],
-        kappa * LOG2E,
-        SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype),
-        BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d,
-        num_warps=config.forward.num_warps, num_stages=config.forward.num_stages)
+    device = sorted_embeddings.device
+    outputs = torch.zeros(3, plan.pixel_order.shape[0], device=device, dtype=torch.float32)
+    flags = torch.empty(plan.n_pad, device=device, dtype=torch.int32)
+    for exact in LAUNCHES:               # the exact launch redoes the rows the fast one flagged, if any
+        pixel_segment_lse_kernel[(plan.tiles_n,)](
+            sorted_embeddings, sorted_prototypes, plan.pixel_ranges, plan.pixel_words, plan.prototype_words,
+            plan.row_entries, plan.row_counts, plan.tiles_m, plan.pixel_index, outputs, outputs.shape[1],
+            flags, kappa * LOG2E,
+            SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype), EXACT=exact,
+            BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d,
+            num_warps=config.forward.num_warps, num_stages=config.forward.num_stages)
     return outputs

@@ -1,5 +1,6 @@
 """Shared Triton helpers: tile loads, the float32-accumulating dot, and the
-label-defined membership of a masked (pixel, segment) tile."""
+label-defined membership of (pixel, segment) tiles on the plan of
+``spml_fast.ops.contrast_plan``."""
 from __future__ import annotations
 
 import os
@@ -108,25 +109,21 @@ def _in_range(index, lo, width):
 
 @triton.jit
 def tile_partners(offs_m, own, lo, width, TRANSPOSED: tl.constexpr):
-    """Partner mask of a tile (the segment is in the pixel's range and not its own): all the EXCLUDING
-    loop needs, since every segment there is of one set."""
+    """Partner mask of a tile: the segment's slot is in the pixel's partner range (its group; empty slots
+    lie outside every range) and is not its own segment. All the excluding loop needs, every segment
+    there being of one set; the masked loop adds ``tile_positives``."""
     own_, index = _outer(own, offs_m.to(tl.int32), TRANSPOSED)
     return _in_range(index, _per_pixel(lo, TRANSPOSED), _per_pixel(width, TRANSPOSED)) & (index != own_)
 
 
 @triton.jit
-def tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
-                    pixel_words, prototype_words,
-                    SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """(positive, negative) bool masks of a masked tile.
-
-    Segments are sorted by (group, label), so a pixel's partners are one
-    contiguous range of slots, and in single-label mode so are its positives:
-    membership is the column against per-row bounds (loaded once per program),
-    like a causal mask; empty slots lie outside every range. In set mode the
-    positives are the partners whose class set intersects the pixel's (int64
-    words). Padded pixel rows have empty ranges."""
-    partner = tile_partners(offs_m, own, lo, width, TRANSPOSED)
+def tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                   SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Whether the segment would be a positive of the pixel, as a tile mask: in single-label mode its slot
+    is in the pixel's positive range, in set mode their class sets (int64 words) intersect. Meaningful
+    for partners only (``tile_partners``): the loops combine both through the logits (-inf off the
+    partners), so that no boolean tile lives across a reduction (the compiler would pack it into
+    registers bit by bit)."""
     if SET_MODE:
         words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS),
                                   tl.load(prototype_words + offs_m * NUM_WORDS), TRANSPOSED)
@@ -135,8 +132,7 @@ def tile_membership(offs_n, offs_m, own, lo, width, positive_lo, positive_width,
             words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS + word),
                                       tl.load(prototype_words + offs_m * NUM_WORDS + word), TRANSPOSED)
             shared = shared | (words_i & words_s)
-        same = shared != 0
+        return shared != 0
     else:
         first, index = _outer(positive_lo, offs_m.to(tl.int32), TRANSPOSED)
-        same = _in_range(index, first, _per_pixel(positive_width, TRANSPOSED))
-    return partner & same, partner & (same == 0)
+        return _in_range(index, first, _per_pixel(positive_width, TRANSPOSED))

@@ -63,7 +63,7 @@ class ContrastPlan:
     block_n: int
     block_m: int
     pixel_order: torch.Tensor           # [N] int64: the pixel at each sorted position
-    pixel_index: torch.Tensor           # [n_pad] int32: the participating pixel at each slot, else -1
+    pixel_index: torch.Tensor           # [n_pad] int64: the participating pixel at each slot, else -1
     prototype_slot: torch.Tensor        # [M] int64: slot of each segment
     prototype_kept: Optional[torch.Tensor]   # [M, 1] bool: the segment can take part (None: every one)
     pixel_ranges: torch.Tensor          # [n_pad, 5] int32: own slot, partner range (first slot, width) (the
@@ -171,7 +171,7 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
     ranges = torch.stack([starts[own_position[pixel_order]], lo, width, positive_lo, positive_width], 1)
     pixel_ranges = F.pad(ranges.to(torch.int32), (0, 0, 0, n_pad - num_pixels))
     pixel_index = pixel_order if set_mode else pixel_order.masked_fill(pixel_key_sorted < 0, -1)
-    pixel_index = F.pad(pixel_index.to(torch.int32), (0, n_pad - num_pixels), value=-1)
+    pixel_index = F.pad(pixel_index, (0, n_pad - num_pixels), value=-1)
     # kept slots are a prefix of each tile: a tile's kept end is where its first non-kept slot would be
     kept_slots = slot_sorted if set_mode else slot_sorted.masked_fill(key_sorted == NOT_KEPT, BIG)
     tile_ends = torch.arange(1, m_pad // block_m + 1, device=segment.device) * block_m

@@ -2,7 +2,7 @@
 
 Used by the tiled CPU path on one pixel chunk at a time and by the dense
 reference on the whole batch; the Triton kernels have their own copy in
-``triton_kernels/utils.py`` (``tile_membership``, on the plan of ``contrast_plan``).
+``triton_kernels/utils.py`` (``tile_partners`` and ``tile_positives``, on the plan of ``contrast_plan``).
 """
 from __future__ import annotations
 
