@@ -233,3 +233,23 @@ def test_same_bits_twice():
         results.append((loss.detach(), e.grad, p.grad))
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@NEEDS_TRITON
+def test_segments_of_no_pixels_group_take_no_part():
+    """Group -1 for some segments (the trainer's memory bank entries of no image in the batch, say):
+    partners of no pixel, the loss as the dense reference has it."""
+    device = device_for("triton")
+    embeddings, prototypes, segment, pixel_labels, prototype_labels, groups = spml_batch(unlabelled=0.2,
+                                                                                       device=device)
+    prototype_groups = groups["prototype_groups"].clone()
+    outside = torch.arange(prototype_groups.shape[0], device=device) % 5 == 0
+    prototype_groups[outside & (torch.arange(prototype_groups.shape[0], device=device)[:, None]
+                                != segment[None, :]).all(1)] = -1
+    kwargs = dict(pixel_groups=groups["pixel_groups"], prototype_groups=prototype_groups, reduction="none")
+    got = pixel_segment_loss(embeddings, prototypes, segment, pixel_labels, prototype_labels, kappa=10.0,
+                             backend="triton", **kwargs)
+    expected = pixel_segment_loss_dense(embeddings.double(), prototypes.double(), segment, pixel_labels,
+                                        prototype_labels, kappa=10.0, **kwargs)
+    assert bool((prototype_groups == -1).any())
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
 MAX_LABEL = 2 ** 31 - 1        # class ids below this (single-label mode)
-MAX_GROUP = 2 ** 30            # group ids in [0, MAX_GROUP)
+MAX_GROUP = 2 ** 30            # group ids in [-MAX_GROUP, MAX_GROUP): the visit plan packs them in 32 bits
 
 
 def require_tensor(name: str, tensor) -> None:
@@ -93,8 +93,9 @@ class RangeChecks:
         except RuntimeError:
             for name, tensor, low, high, inside in self.items:
                 if not bool(inside.all()):
+                    bounds = f"[{low}, {high})" if low is not None else f"(-inf, {high})"
                     raise ValueError(f"{name} holds values in [{int(tensor.min())}, {int(tensor.max())}], "
-                                     f"outside [{0 if low is None else low}, {high})") from None
+                                     f"outside {bounds}") from None
             raise
 
 
@@ -176,9 +177,15 @@ def check_groups(pixel_groups, prototype_groups, num_pixels: int, num_prototypes
         raise ValueError(f"{missing} is None but the other group tensor is given: pass both or neither")
     if pixel_groups is None:
         return None, None
-    return (check_index_vector("pixel_groups", pixel_groups, num_pixels, device, upper=MAX_GROUP, ranges=ranges),
-            check_index_vector("prototype_groups", prototype_groups, num_prototypes, device, upper=MAX_GROUP,
-                               ranges=ranges))
+    groups = (check_index_vector("pixel_groups", pixel_groups, num_pixels, device),
+              check_index_vector("prototype_groups", prototype_groups, num_prototypes, device))
+    checks = RangeChecks() if ranges is None else ranges
+    for name, tensor in zip(("pixel_groups", "prototype_groups"), groups):
+        if tensor.numel():
+            checks.add(name, tensor, -MAX_GROUP, MAX_GROUP)     # negative: a group no pixel has, say
+    if ranges is None:
+        checks.assert_all()
+    return groups
 
 
 def check_reduction(reduction: str) -> str:

@@ -51,7 +51,8 @@ SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3            # tile kinds (tests and
 UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT = 0, 1, 2, 3   # loops, in visit order
 ALIGNED_RUNS = 256        # tiles of padding at most (group starts on tile boundaries): host-known sizes
 GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
-NOT_KEPT = torch.iinfo(torch.int64).max
+NOT_KEPT = torch.iinfo(torch.int64).max     # segments that cannot take part: sorted last, a group of their own
+UNLABELLED = torch.iinfo(torch.int64).min   # pixels that do not take part: sorted first, in no segment's group
 BIG = 2 ** 30             # slots stay below it
 
 
@@ -129,7 +130,7 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
                pixel_groups: Optional[torch.Tensor], prototype_groups: Optional[torch.Tensor],
                block_n: int, block_m: int) -> ContrastPlan:
     """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled; < 2^31 - 1) or [N, W]/[M, W]
-    int64 class sets; groups [N]/[M] int64 in [0, 2^30) or None; tile sizes of the kernels."""
+    int64 class sets; groups [N]/[M] int64 in [-2^30, 2^30) or None; tile sizes of the kernels."""
     set_mode = pixel_labels.dim() == 2
     num_pixels, num_prototypes = pixel_labels.shape[0], prototype_labels.shape[0]
     n_pad = -(-num_pixels // block_n) * block_n
@@ -152,7 +153,7 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
         pixel_order = _lexsort([pixel_group, *pixel_labels.unbind(1), own_position])
         group_sorted, pixel_group_sorted = prototype_group[prototype_order], pixel_group[pixel_order]
     else:
-        pixel_key = _single_key(pixel_labels, pixel_groups, -1)        # unlabelled: -1, sorted first
+        pixel_key = _single_key(pixel_labels, pixel_groups, UNLABELLED)   # sorted first, in no group
         pixel_order = _lexsort([pixel_key, own_position])
         key_sorted, pixel_key_sorted = prototype_key[prototype_order], pixel_key[pixel_order]
         group_sorted, pixel_group_sorted = key_sorted >> GROUP_SHIFT, pixel_key_sorted >> GROUP_SHIFT
@@ -170,7 +171,7 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
                                    else slot_range(key_sorted, pixel_key_sorted))
     ranges = torch.stack([starts[own_position[pixel_order]], lo, width, positive_lo, positive_width], 1)
     pixel_ranges = F.pad(ranges.to(torch.int32), (0, 0, 0, n_pad - num_pixels))
-    pixel_index = pixel_order if set_mode else pixel_order.masked_fill(pixel_key_sorted < 0, -1)
+    pixel_index = pixel_order if set_mode else pixel_order.masked_fill(pixel_key_sorted == UNLABELLED, -1)
     pixel_index = F.pad(pixel_index, (0, n_pad - num_pixels), value=-1)
     # kept slots are a prefix of each tile: a tile's kept end is where its first non-kept slot would be
     kept_slots = slot_sorted if set_mode else slot_sorted.masked_fill(key_sorted == NOT_KEPT, BIG)
