@@ -145,7 +145,8 @@ def grad_embeddings_kernel(
         accumulator += dot(grad.to(prototype_tile.dtype), prototype_tile, IEEE)
     index = tl.load(pixel_index + offs_n)
     offs_d = tl.arange(0, BLOCK_D)
-    tl.store(grad_out + index.to(tl.int64)[:, None] * dim + offs_d[None, :], accumulator * (tl.load(grad_scale) * kappa),
+    tl.store(grad_out + index.to(tl.int64)[:, None] * dim + offs_d[None, :],
+             accumulator * (tl.load(grad_scale) * kappa),
              mask=(index >= 0)[:, None] & (offs_d < dim)[None, :])
 
 

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LN2, LOG2E, dot, ieee_dot, load_row_ranges, load_tile, tile_partners, tile_positives,
-                    visit_bounds)
+from .utils import (LN2, LOG2E, bitwise_and, bitwise_or, dot, ieee_dot, load_row_ranges, load_tile, tile_partners,
+                    tile_positives, visit_bounds)
 
 
 @triton.jit
@@ -79,23 +79,13 @@ def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, pro
         for word in tl.static_range(NUM_WORDS):
             words = tl.load(prototype_words + offs_m * NUM_WORDS + word)
             row_words = tl.load(pixel_words + offs_n * NUM_WORDS + word)
-            shares_any = shares_any | ((row_words & tl.reduce(words, 0, _or)) != 0)
-            shares_all = shares_all | ((row_words & tl.reduce(words, 0, _and)) != 0)
+            shares_any = shares_any | ((row_words & tl.reduce(words, 0, bitwise_or)) != 0)
+            shares_all = shares_all | ((row_words & tl.reduce(words, 0, bitwise_and)) != 0)
         return may_positive & shares_any, may_negative & ~shares_all
     else:
         positive_hi = positive_lo + positive_width.to(tl.int32)
         positives = tl.maximum(tl.minimum(positive_hi, end) - tl.maximum(positive_lo, start), 0)
         return positives > 0, tl.maximum(partners, 0) > positives
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _and(a, b):
-    return a & b
 
 
 @triton.jit

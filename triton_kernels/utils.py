@@ -73,6 +73,18 @@ def _outer(pixel_values, prototype_values, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def bitwise_or(a, b):
+    """Combine function of ``tl.reduce``: OR of class-set words."""
+    return a | b
+
+
+@triton.jit
+def bitwise_and(a, b):
+    """Combine function of ``tl.reduce``: AND of class-set words."""
+    return a & b
+
+
+@triton.jit
 def visit_bounds(visit_entries, visit_counts, tile, other_tiles):
     """A tile's visit row in the plan's [tiles, other_tiles] int32 matrix, and the ends of its uniform,
     excluding and masked visits (``visit_counts`` [tiles, 3] int32)."""

@@ -19,20 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .utils import bitwise_and, bitwise_or
+
 BIG: tl.constexpr = tl.constexpr(2 ** 30)
 SUMMARY = ("lo_min", "hi_max_neg", "lo_max_neg", "hi_min", "positive_lo_max_neg", "positive_hi_min",
            "positive_hi_max_neg", "positive_lo_min", "own_min", "own_max_neg")
 CHUNK = 64
-
-
-@triton.jit
-def _or(a, b):
-    return a | b
-
-
-@triton.jit
-def _and(a, b):
-    return a & b
 
 
 @triton.jit
@@ -72,9 +64,9 @@ def tile_summary_kernel(
         if SET_MODE:
             for word in tl.static_range(NUM_WORDS):
                 words = tl.load(pixel_words + rows.to(tl.int64) * NUM_WORDS + word)
-                tl.store(tile_words + (tile * NUM_WORDS + word) * 2, tl.reduce(tl.where(live, words, 0), 0, _or))
+                tl.store(tile_words + (tile * NUM_WORDS + word) * 2, tl.reduce(tl.where(live, words, 0), 0, bitwise_or))
                 tl.store(tile_words + (tile * NUM_WORDS + word) * 2 + 1,
-                         tl.reduce(tl.where(live, words, -1), 0, _and))
+                         tl.reduce(tl.where(live, words, -1), 0, bitwise_and))
     else:
         # A prototype tile (set mode only): its kept slots are a prefix, up to kept_end.
         prototype_tile = tile - tiles_n
@@ -82,8 +74,9 @@ def tile_summary_kernel(
         kept = slots < tl.load(kept_end + prototype_tile)
         for word in tl.static_range(NUM_WORDS):
             words = tl.load(prototype_words + slots.to(tl.int64) * NUM_WORDS + word)
-            tl.store(tile_words + (tile * NUM_WORDS + word) * 2, tl.reduce(tl.where(kept, words, 0), 0, _or))
-            tl.store(tile_words + (tile * NUM_WORDS + word) * 2 + 1, tl.reduce(tl.where(kept, words, -1), 0, _and))
+            tl.store(tile_words + (tile * NUM_WORDS + word) * 2, tl.reduce(tl.where(kept, words, 0), 0, bitwise_or))
+            tl.store(tile_words + (tile * NUM_WORDS + word) * 2 + 1,
+                     tl.reduce(tl.where(kept, words, -1), 0, bitwise_and))
 
 
 @triton.jit

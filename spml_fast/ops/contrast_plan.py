@@ -187,7 +187,8 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
     # 3-4. Tile loops and visit lists.
     lists = visit_lists(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
                         block_n, block_m)
-    return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_kept, pixel_ranges, pixel_words, prototype_words, *lists, m_pad, set_mode)
+    return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_kept,
+                        pixel_ranges, pixel_words, prototype_words, *lists, m_pad, set_mode)
 
 
 def _single_key(labels: torch.Tensor, groups: Optional[torch.Tensor], unlabelled: int) -> torch.Tensor:

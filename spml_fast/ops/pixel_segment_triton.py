@@ -3,7 +3,8 @@ zero-padded copies of the operands and the kernel launches (``triton_kernels.pix
 ``_bwd``). Device ops only, sizes from the shapes: no host synchronisation in a loss call.
 
 Memory: the sorted copies ([n_pad, BLOCK_D] and [m_pad, BLOCK_D], kept from the forward for the
-backward), S float32 partials of dP ([S, m_pad, BLOCK_D]) and a few [N] vectors; the kernels hold one BLOCK_N x BLOCK_M tile in registers.
+backward), S float32 partials of dP ([S, m_pad, BLOCK_D]) and a few [N] vectors; the kernels hold one
+BLOCK_N x BLOCK_M tile in registers.
 """
 from __future__ import annotations
 
