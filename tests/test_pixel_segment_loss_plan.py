@@ -137,7 +137,7 @@ def test_relation_image_visits_a_sixth_of_a_dense_sweep():
 @pytest.mark.parametrize("set_mode", [False, True])
 @pytest.mark.parametrize("with_groups", [False, True])
 @pytest.mark.parametrize("tiles", [(16, 16), (64, 128)])
-def test_visit_plan_kernels_match_the_pytorch_rule(set_mode, with_groups, tiles):
+def test_visit_plan_kernels_match_the_pytorch_rule(set_mode, with_groups, tiles, monkeypatch):
     """``triton_kernels.visit_plan`` (what a GPU runs) gives the lists of ``visit_lists_reference`` (what
     the CPU runs), at the interpreter's tiles and the sm90 tiles, with several chunks of other tiles."""
     from spml_fast.ops import contrast_plan
@@ -153,12 +153,9 @@ def test_visit_plan_kernels_match_the_pytorch_rule(set_mode, with_groups, tiles)
     def capture(*args):
         captured.append(args)
         return original(*args)
-    contrast_plan.visit_lists_reference = capture
-    try:
-        build_plan(segment, pixel_labels, prototype_labels, groups["pixel_groups"], groups["prototype_groups"],
-                   block_n, block_m)
-    finally:
-        contrast_plan.visit_lists_reference = original
+    monkeypatch.setattr(contrast_plan, "visit_lists_reference", capture)
+    build_plan(segment, pixel_labels, prototype_labels, groups["pixel_groups"], groups["prototype_groups"],
+               block_n, block_m)
     expected = original(*captured[0])
     got = visit_plan.launch_visit_plan(*captured[0])
     assert expected[0].shape[1] > visit_plan.CHUNK or expected[2].shape[1] > visit_plan.CHUNK or block_n == 16

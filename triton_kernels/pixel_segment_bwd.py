@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (LN2, LOG2E, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_partners, tile_positives,
+from .utils import (LN2, LOG2E, LOG2E_IN_KERNEL, _per_pixel, dot, ieee_dot, load_row_ranges, load_tile, tile_partners, tile_positives,
                     visit_bounds)
 
 
@@ -78,8 +78,8 @@ def _row_stats(pixel_index, lse_all, lse_positive, pixel_grad, grad_scale, offs_
     index = tl.load(pixel_index + offs_n)
     used = index >= 0
     index = index.to(tl.int64)
-    offset_all = tl.load(lse_all + index, mask=used, other=0.0) * 1.4426950408889634
-    offset_positive = tl.load(lse_positive + index, mask=used, other=0.0) * 1.4426950408889634
+    offset_all = tl.load(lse_all + index, mask=used, other=0.0) * LOG2E_IN_KERNEL
+    offset_positive = tl.load(lse_positive + index, mask=used, other=0.0) * LOG2E_IN_KERNEL
     upstream = tl.load(pixel_grad + index, mask=used, other=0.0) / tl.load(grad_scale)
     # positive pairs: exp2(l - lse_positive) * (exp(lse_positive - lse_all) - 1), the factor in [-1, 0]
     factor_positive = upstream * _expm1(tl.minimum(offset_positive - offset_all, 0.0) * LN2)

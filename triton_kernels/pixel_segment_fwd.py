@@ -36,6 +36,9 @@ import triton.language as tl
 from .utils import (LN2, LOG2E, bitwise_and, bitwise_or, dot, ieee_dot, load_row_ranges, load_tile, tile_partners,
                     tile_positives, visit_bounds)
 
+LAUNCHES = (False, True)          # EXACT of the two launches (tests take the second away to see it work)
+LOST_BELOW: tl.constexpr = tl.constexpr(2.0 ** -100)   # a set's tile sum under the shared max: flag the row
+
 
 @triton.jit
 def _merge_one_set(logits, is_positive, max_positive, sum_positive, max_negative, sum_negative):
@@ -48,9 +51,6 @@ def _merge_one_set(logits, is_positive, max_positive, sum_positive, max_negative
         + tl.sum(tl.math.exp2(logits - shift[:, None]), axis=1)
     return (tl.where(is_positive, new_max, max_positive), tl.where(is_positive, total, sum_positive),
             tl.where(is_positive, max_negative, new_max), tl.where(is_positive, sum_negative, total))
-
-
-LAUNCHES = (False, True)          # EXACT of the two launches (tests take the second away to see it work)
 
 
 @triton.jit
@@ -72,8 +72,6 @@ def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, pro
     hi = lo + width.to(tl.int32)
     partners = tl.minimum(hi, end) - tl.maximum(lo, start)
     if SET_MODE:
-        may_positive = partners > 0
-        may_negative = partners > 0
         shares_any = tl.zeros_like(lo) != 0
         shares_all = tl.zeros_like(lo) != 0
         for word in tl.static_range(NUM_WORDS):
@@ -81,7 +79,7 @@ def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, pro
             row_words = tl.load(pixel_words + offs_n * NUM_WORDS + word)
             shares_any = shares_any | ((row_words & tl.reduce(words, 0, bitwise_or)) != 0)
             shares_all = shares_all | ((row_words & tl.reduce(words, 0, bitwise_and)) != 0)
-        return may_positive & shares_any, may_negative & ~shares_all
+        return (partners > 0) & shares_any, (partners > 0) & ~shares_all
     else:
         positive_hi = positive_lo + positive_width.to(tl.int32)
         positives = tl.maximum(tl.minimum(positive_hi, end) - tl.maximum(positive_lo, start), 0)
@@ -91,7 +89,7 @@ def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, pro
 @triton.jit
 def pixel_segment_lse_kernel(
     embeddings, prototypes,                          # [n_pad, BLOCK_D], [m_pad, BLOCK_D], sorted, zero-padded
-    pixel_ranges, pixel_words, prototype_words,      # the plan's membership data (utils.tile_partners, tile_positives)
+    pixel_ranges, pixel_words, prototype_words,      # the plan's membership data (utils.tile_partners, ...)
     visit_entries, visit_counts, tiles_m,            # the plan's visit row of each pixel tile
     pixel_index,                                     # [n_pad] int64: original row of each slot (-1: none)
     outputs, num_pixels,                             # [3, N] float32: lse S+, lse S-, S+ not empty
@@ -164,8 +162,8 @@ def pixel_segment_lse_kernel(
             may_positive, may_negative = _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width,
                                                           prototype_words, pixel_words, SET_MODE, NUM_WORDS,
                                                           BLOCK_M)
-            lost |= ((may_positive & (tile_positive < 7.888609052210118e-31)) |
-                     (may_negative & (tile_negative < 7.888609052210118e-31))).to(tl.int32)   # 2^-100
+            lost |= ((may_positive & (tile_positive < LOST_BELOW)) |
+                     (may_negative & (tile_negative < LOST_BELOW))).to(tl.int32)
             max_positive, sum_positive = _merge_tile_sum(max_positive, sum_positive, shift, tile_positive)
             max_negative, sum_negative = _merge_tile_sum(max_negative, sum_negative, shift, tile_negative)
 

@@ -17,7 +17,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # order of accumulation. Compiled GPU code is unaffected.
 UPCAST_DOT_OPERANDS: tl.constexpr = tl.constexpr(INTERPRET)
 LOG2E = 1.4426950408889634          # exp(x) = exp2(x * LOG2E): the kernels work in log2 units
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)     # inside kernels
+# the same constants for use inside kernels (a kernel reads only constexpr globals)
+LOG2E_IN_KERNEL: tl.constexpr = tl.constexpr(LOG2E)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def block_dim(dim: int) -> int:

@@ -1,17 +1,19 @@
 """The visit plan's tile classification (``spml_fast.ops.contrast_plan``) on the device: two launches,
 no host synchronisation, whatever the number of tiles.
 
-``tile_summary_kernel``: one program per pixel tile reduces its pixels' slot ranges to ten bounds
-(``SUMMARY``: the tile pair tests need only these), and in set mode the OR and AND of their class-set
-words; in set mode further programs do the same for the prototype tiles' words.
+``tile_summary_kernel``: one program per pixel tile reduces its pixels' slot ranges to the ten bounds
+the tile pair tests need, stored as minima (maxima negated) in this order: lo min, -hi max, -lo max,
+hi min, -positive lo max, positive hi min, -positive hi max and positive lo min (over pixels with
+positives), own min, -own max; in set mode also the OR and AND of their class-set words, and further
+programs do the same for the prototype tiles' words.
 
 ``visit_list_kernel``: one program per tile of one side (pixel tiles: the forward's and dE's rows;
 prototype tiles, ``COLUMNS``: dP's columns) classifies its pairs with every tile of the other side,
 ``CHUNK`` at a time, and writes the visits compacted in loop order (uniform, excluding, masked), each
 loop's visits in tile order, with the running end of each loop: a prefix sum per chunk, no atomics.
 
-The rule (``tile_loop``) is written once here; ``contrast_plan.tile_loops_reference`` is the same rule in
-PyTorch for the CPU without Triton (reports) and for the tests.
+The rule (``tile_loop``) is written once here; ``contrast_plan.visit_lists_reference`` is the same rule
+in PyTorch for the CPU and the tests.
 """
 from __future__ import annotations
 
@@ -21,9 +23,7 @@ import triton.language as tl
 
 from .utils import bitwise_and, bitwise_or
 
-BIG: tl.constexpr = tl.constexpr(2 ** 30)
-SUMMARY = ("lo_min", "hi_max_neg", "lo_max_neg", "hi_min", "positive_lo_max_neg", "positive_hi_min",
-           "positive_hi_max_neg", "positive_lo_min", "own_min", "own_max_neg")
+BIG: tl.constexpr = tl.constexpr(2 ** 30)      # a bound no slot reaches (contrast_plan.BIG)
 CHUNK = 64
 
 

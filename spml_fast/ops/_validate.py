@@ -10,6 +10,7 @@ own index checks do), and a loss call never waits for the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -65,10 +66,8 @@ def check_index_vector(name: str, tensor, length: int, device: torch.device,
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
     tensor = tensor.to(torch.int64).contiguous()
     if upper is not None and length > 0:
-        checks = RangeChecks() if ranges is None else ranges
-        checks.add(name, tensor, None if allow_negative else 0, upper)
-        if ranges is None:
-            checks.assert_all()
+        with collected(ranges) as checks:
+            checks.add(name, tensor, None if allow_negative else 0, upper)
     return tensor
 
 
@@ -97,6 +96,16 @@ class RangeChecks:
                     raise ValueError(f"{name} holds values in [{int(tensor.min())}, {int(tensor.max())}], "
                                      f"outside {bounds}") from None
             raise
+
+
+@contextlib.contextmanager
+def collected(ranges: Optional[RangeChecks]):
+    """The caller's checks to add to (asserted when it is done), or checks of their own asserted at the
+    end of the block."""
+    checks = RangeChecks() if ranges is None else ranges
+    yield checks
+    if ranges is None:
+        checks.assert_all()
 
 
 def check_kappa(kappa) -> float:
@@ -164,8 +173,9 @@ def check_labels(pixel_labels, prototype_labels, num_pixels: int, num_prototypes
         for name, tensor in (("pixel_labels", pixel_labels), ("prototype_labels", prototype_labels)):
             if tensor.dtype not in INT_DTYPES:
                 raise ValueError(f"{name} must be an integer tensor, got {tensor.dtype}")
-            if tensor.dtype == torch.int64 and tensor.numel() and ranges is not None:
-                ranges.add(name, tensor, None, MAX_LABEL)      # the visit plan packs label + 1 in 32 bits
+            if tensor.dtype == torch.int64 and tensor.numel():
+                with collected(ranges) as checks:               # the visit plan packs label + 1 in 32 bits
+                    checks.add(name, tensor, None, MAX_LABEL)
     return pixel_labels.to(torch.int64).contiguous(), prototype_labels.to(torch.int64).contiguous()
 
 
@@ -179,12 +189,10 @@ def check_groups(pixel_groups, prototype_groups, num_pixels: int, num_prototypes
         return None, None
     groups = (check_index_vector("pixel_groups", pixel_groups, num_pixels, device),
               check_index_vector("prototype_groups", prototype_groups, num_prototypes, device))
-    checks = RangeChecks() if ranges is None else ranges
-    for name, tensor in zip(("pixel_groups", "prototype_groups"), groups):
-        if tensor.numel():
-            checks.add(name, tensor, -MAX_GROUP, MAX_GROUP)     # negative: a group no pixel has, say
-    if ranges is None:
-        checks.assert_all()
+    with collected(ranges) as checks:
+        for name, tensor in zip(("pixel_groups", "prototype_groups"), groups):
+            if tensor.numel():
+                checks.add(name, tensor, -MAX_GROUP, MAX_GROUP)     # negative: a group no pixel has, say
     return groups
 
 

@@ -53,7 +53,7 @@ ALIGNED_RUNS = 256        # tiles of padding at most (group starts on tile bound
 GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
 NOT_KEPT = torch.iinfo(torch.int64).max     # segments that cannot take part: sorted last, a group of their own
 UNLABELLED = torch.iinfo(torch.int64).min   # pixels that do not take part: sorted first, in no segment's group
-BIG = 2 ** 30             # slots stay below it
+BIG = 2 ** 30             # slots stay below it (triton_kernels.visit_plan.BIG)
 
 
 @dataclass
