@@ -146,7 +146,8 @@ def visit_plan(case: dict) -> dict:
     inputs = make_inputs(case, "cpu")
     config = CONTRAST[("sm90", 64)]
     plan = build_plan(inputs["segment"], inputs["pixel_labels"], inputs["prototype_labels"],
-                      inputs.get("pixel_groups"), inputs.get("prototype_groups"), config.block_n, config.block_m)
+                      inputs.get("pixel_groups"), inputs.get("prototype_groups"), config.block_n, config.block_m,
+                      config.column_masked)
     return plan.describe()
 
 

@@ -5,7 +5,8 @@ For each kernel x label mode x architecture x D, at the configuration the
 library pins for it (``triton_kernels/configs.py``): registers, spilled
 bytes (local memory), shared memory, and for each main tile loop (the
 outermost loops that hold a tensor-core instruction, in code order: the
-loss kernels' pass 1, uniform, pass 2, excluding, pass 3, masked) the instructions per
+loss kernels' pass 1, uniform, pass 2, excluding, pass 3, column-masked (where
+the configuration has it), pass 4, pair-masked) the instructions per
 (pixel, segment) pair, the exps (MUFU) per pair and the tensor-core
 instructions per pair:
 
@@ -146,12 +147,15 @@ def _resources(usage: str, sass: str) -> dict:
 def _loss_pointers(dtype: str) -> dict:
     element = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
     pointers = dict(embeddings=element, prototypes=element, pixel_ranges="*i32", pixel_words="*i64",
-                    prototype_words="*i64", visit_entries="*i32", visit_counts="*i32", pixel_index="*i64")
+                    prototype_words="*i64", prototype_keys="*i64", visit_entries="*i32", visit_counts="*i32", pixel_index="*i64")
     pointers["flags"] = "*i32"
     for name in ("outputs", "lse_all", "lse_positive",
-                 "pixel_grad", "grad_scale", "grad_out", "partial_out", "row_stats"):
+                 "pixel_grad", "grad_scale", "prototype_norm", "own_out", "grad_out", "partial_out", "row_stats"):
         pointers[name] = "*fp32"
     return pointers
+
+
+LOSS_KERNELS = ("forward", "forward_exact", "grad_embeddings", "grad_prototypes")
 
 
 def loss_kernels():
@@ -170,8 +174,8 @@ def report_loss_kernel(name: str, mode: str, arch: str, dim: int, dtype: str = "
     block_d = block_dim(dim)
     config = _lookup(CONTRAST, arch, block_d)
     launch = getattr(config, launch_name)
-    constexprs = dict(MODES[mode], **variant, IEEE=dtype == "float32", BLOCK_N=config.block_n,
-                      BLOCK_M=config.block_m, BLOCK_D=block_d)
+    constexprs = dict(MODES[mode], **variant, IEEE=dtype == "float32", COLUMN_MASKED=config.column_masked,
+                      BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d)
     base = dict(kernel=name, mode=mode, arch=arch, dim=dim, dtype=dtype, block_n=config.block_n,
                 block_m=config.block_m, num_warps=launch.num_warps, num_stages=launch.num_stages)
     try:
@@ -274,33 +278,39 @@ def to_markdown(reports: list[dict], environment: dict) -> str:
     lines = [f"Static kernel report ({environment.get('triton', '')}; compiled on the CPU, bfloat16 inputs). "
              "Per (pixel, segment) pair and thread: instructions / MUFU (exp) / tensor-core instructions "
              "in the main loops; loss kernels: pass 1 = uniform tiles (no masks), pass 2 = excluding tiles (uniform "
-             "less the own segment and empty slots: one column test per pair), pass 3 = masked tiles (forward: one "
-             "max per tile shared by both sets; forward_exact, the redo of flagged rows: one max per set); "
-             "tree_filter (float32, no tensor cores): per (node, channel), pass 1 = leaves to root, "
+             "less the own segment and empty slots: one column test per pair), pass 3 = column-masked tiles (the "
+             "pixel tile holds one type: membership per segment; forward: the own segment per pair; absent where "
+             "the configuration has no column-masked loop), pass 4 = pair-masked tiles (membership per pair; "
+             "forward: one max per tile shared by both sets); forward_exact, the redo of flagged rows: one max "
+             "per set; tree_filter (float32, no tensor cores): per (node, channel), pass 1 = leaves to root, "
              "pass 2 = root to leaves.", "",
              "| kernel | mode | arch | D | tile | warps/stages | registers | spills (B / LDL+STL) | shared B | pass 1 | "
-             "pass 2 | pass 3 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pass 2 | pass 3 | pass 4 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         loops = r["loops"]
         if r.get("error"):
             lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | - | - | error: "
-                         f"{r['error'][:80]} | | | | | |")
+                         f"{r['error'][:80]} | | | | | | |")
             continue
+        if r["kernel"] in LOSS_KERNELS and len(loops) == 3:      # no column-masked loop: pass 3 is absent
+            loops = loops[:2] + [None] + loops[2:]
+        cells = " | ".join(_loop_cell(loops[k] if len(loops) > k else None) for k in range(4))
         lines.append(f"| {r['kernel']} | {r['mode']} | {r['arch']} | {r['dim']} | {r['block_n']}x{r['block_m']} | "
                      f"{r['num_warps']}/{r['num_stages']} | {r['registers']} | {r['spill_bytes']} / {r['spill_instructions']} | "
-                     f"{r['shared_bytes']} | {_loop_cell(loops[0] if loops else None)} | "
-                     f"{_loop_cell(loops[1] if len(loops) > 1 else None)} | "
-                     f"{_loop_cell(loops[2] if len(loops) > 2 else None)} |")
+                     f"{r['shared_bytes']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
 def _fractions(case: str, describe: dict) -> dict:
     visited = describe["uniform_tiles"] + describe["excluding_tiles"] + describe["masked_tiles"]
-    return dict(case=case, pixels=describe["pixels"], prototypes=describe["prototypes"], dense=describe["dense_tiles"],
-                visited=visited, uniform=describe["uniform_tiles"], excluding=describe["excluding_tiles"],
-                masked=describe["masked_tiles"],
-                excluding_of_visited=round(describe["excluding_tiles"] / max(1, visited), 4),
-                masked_of_visited=round(describe["masked_tiles"] / max(1, visited), 4),
+    share = lambda count: round(count / max(1, visited), 4)
+    return dict(case=case, pixels=describe["pixels"], prototypes=describe["prototypes"],
+                pixel_slots=describe["pixel_slots"], dense=describe["dense_tiles"], visited=visited,
+                uniform=describe["uniform_tiles"], excluding=describe["excluding_tiles"],
+                masked=describe["masked_tiles"], column_masked=describe["column_masked_tiles"],
+                pair_masked=describe["pair_masked_tiles"], excluding_of_visited=share(describe["excluding_tiles"]),
+                masked_of_visited=share(describe["masked_tiles"]),
+                pair_masked_of_visited=share(describe["pair_masked_tiles"]),
                 skipped_of_dense=round(1 - visited / max(1, describe["dense_tiles"]), 4))
 
 
@@ -313,14 +323,14 @@ def relation_plans(side: int = 512, images: int = 8) -> list[dict]:
     plans = []
     real = pixel_segment_triton.build_plan
 
-    def recording(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, block_n, block_m):
+    def recording(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, *tiling):
         from spml_fast.triton_kernels.configs import CONTRAST
         sm90 = CONTRAST[("sm90", 64)]
         plan = real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, sm90.block_n,
-                    sm90.block_m)
+                    sm90.block_m, sm90.column_masked)
         kind = "I" if pixel_groups is not None else ("O" if pixel_labels.dim() == 2 else "C")
         plans.append((kind, plan.describe()))
-        return real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, block_n, block_m)
+        return real(segment, pixel_labels, prototype_labels, pixel_groups, prototype_groups, *tiling)
     pixel_segment_triton.build_plan = recording
     try:
         with kernels_stubbed(loss_only=True):
@@ -346,17 +356,20 @@ def tile_fractions() -> list[dict]:
 
 
 def fractions_markdown(rows: list[dict]) -> str:
-    lines = ["Visit plans at the sm90 tiles (64 x 128): tile pairs of a dense sweep, visited by each loop "
-             "(uniform: pass 1, no masks; excluding: pass 2, uniform less the own segment and empty slots, one "
-             "column test per pair; masked: pass 3, membership per pair), their shares of the visited pairs, "
-             "and the skipped share of the dense sweep.", "",
-             "| case | pixels | segments | dense | uniform | excluding | masked | excluding / visited | "
-             "masked / visited | skipped / dense |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["Visit plans at the sm90 tiles (64 x 128): tile pairs visited by each loop (uniform: pass 1, no "
+             "masks; excluding: pass 2, uniform less the own segment and empty slots, one column test per pair; "
+             "masked: pass 3, column-masked, the pixel tile holds one type, membership per segment, and pass 4, "
+             "pair-masked, membership per pair), their shares of the visited pairs, and the skipped share of a "
+             "dense sweep over the unpadded tiles (pixel slots: N plus the padding that starts each type's run "
+             "on a tile).", "",
+             "| case | pixels | pixel slots | segments | dense | uniform | excluding | column-masked | pair-masked | "
+             "excluding / visited | masked / visited | pair-masked / visited | skipped / dense |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['pixels']} | {r['prototypes']} | {r['dense']} | {r['uniform']} | "
-                     f"{r['excluding']} | {r['masked']} | {100 * r['excluding_of_visited']:.1f} % | "
-                     f"{100 * r['masked_of_visited']:.1f} % | {100 * r['skipped_of_dense']:.1f} % |")
+        lines.append(f"| {r['case']} | {r['pixels']} | {r['pixel_slots']} | {r['prototypes']} | {r['dense']} | "
+                     f"{r['uniform']} | {r['excluding']} | {r['column_masked']} | {r['pair_masked']} | "
+                     f"{100 * r['excluding_of_visited']:.1f} % | {100 * r['masked_of_visited']:.1f} % | "
+                     f"{100 * r['pair_masked_of_visited']:.1f} % | {100 * r['skipped_of_dense']:.1f} % |")
     return "\n".join(lines) + "\n"
 
 

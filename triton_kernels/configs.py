@@ -39,6 +39,8 @@ class ContrastConfig:
     grad_prototypes: Launch
     entries_per_split: int          # dP: fewest pixel tiles per program of a dense column (partial sums)
     dp_programs: int                # dP: programs to aim for in all (about 4 per SM)
+    column_masked: bool = True      # the kernels' column-masked loop (off where it would spill registers:
+                                    # the plan then sends those tiles to the pair-masked loop)
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,10 @@ CONTRAST = {
                                           dp_programs=8),
     ("sm90", 64): ContrastConfig(64, 128, Launch(4, 2), Launch(4, 2), Launch(8, 2), entries_per_split=32,
                                  dp_programs=528),
-    # D = 128: 64 x 128 tiles spill in dE and dP (three loops per kernel); 64 x 64 does not
+    # D = 128: 64 x 128 tiles spill in dE and dP; 64 x 64 does not, without the column-masked loop (with it
+    # dE spills at 64 x 64, 64 x 32 and at 8 warps doubles its per-pair cost)
     ("sm90", 128): ContrastConfig(64, 64, Launch(4, 2), Launch(4, 2), Launch(4, 2), entries_per_split=32,
-                                  dp_programs=528),
+                                  dp_programs=528, column_masked=False),
     ("sm90", 256): ContrastConfig(16, 64, Launch(4, 1), Launch(4, 1), Launch(4, 1), entries_per_split=32,
                                   dp_programs=528),
     ("sm80", 64): ContrastConfig(64, 64, Launch(4, 2), Launch(4, 2), Launch(4, 2), entries_per_split=32,

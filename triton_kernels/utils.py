@@ -89,10 +89,10 @@ def bitwise_and(a, b):
 @triton.jit
 def visit_bounds(visit_entries, visit_counts, tile, other_tiles):
     """A tile's visit row in the plan's [tiles, other_tiles] int32 matrix, and the ends of its uniform,
-    excluding and masked visits (``visit_counts`` [tiles, 3] int32)."""
-    counts = visit_counts + tile * 3
+    excluding, column-masked and pair-masked visits (``visit_counts`` [tiles, 4] int32)."""
+    counts = visit_counts + tile * 4
     return (visit_entries + tile.to(tl.int64) * other_tiles, tl.load(counts), tl.load(counts + 1),
-            tl.load(counts + 2))
+            tl.load(counts + 2), tl.load(counts + 3))
 
 
 @triton.jit
@@ -150,3 +150,65 @@ def tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, pro
     else:
         first, index = _outer(positive_lo, offs_m.to(tl.int32), TRANSPOSED)
         return _in_range(index, first, _per_pixel(positive_width, TRANSPOSED))
+
+
+@triton.jit
+def column_members(start, type_row, pixel_ranges, pixel_words, prototype_words, prototype_keys,
+                   SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Membership of the slots of the prototype tile starting at slot ``start`` for a pixel tile of one type
+    (the plan's column-masked loop: every pixel there has the ranges and class set of the tile's first
+    row, ``type_row``): (partner, positive) [BLOCK_M] bool each, positive implying partner.
+
+    From the slots' keys (the plan's ``prototype_keys``: group << 32, | label + 1 in single-label mode)
+    rather than from the ranges: computed on loaded data, the tile's column vectors are made once per
+    thread and broadcast through shared memory; a range test on the column numbers would be redone for
+    every pixel row a thread holds."""
+    row = pixel_ranges + type_row * 5
+    keys = tl.load(prototype_keys + start.to(tl.int64) + tl.arange(0, BLOCK_M))
+    group = tl.load(prototype_keys + tl.load(row + 1).to(tl.int64)) >> 32     # the first slot of its group
+    partner = (keys >> 32) == group
+    if SET_MODE:
+        offs_m = start.to(tl.int64) + tl.arange(0, BLOCK_M)
+        shared = tl.load(prototype_words + offs_m * NUM_WORDS) & tl.load(pixel_words + type_row * NUM_WORDS)
+        for word in tl.static_range(1, NUM_WORDS):
+            shared = shared | (tl.load(prototype_words + offs_m * NUM_WORDS + word)
+                               & tl.load(pixel_words + type_row * NUM_WORDS + word))
+        positive = partner & (shared != 0)
+    else:           # the type's key is the key of the first slot of its positive range, if any
+        has_positives = tl.load(row + 4) > 0
+        positive = has_positives & (keys == tl.load(prototype_keys + tl.load(row + 3).to(tl.int64),
+                                                    mask=has_positives, other=0))
+    return partner, positive
+
+
+@triton.jit
+def own_membership(own, positive_lo, positive_width, pixel_words, prototype_words, offs_n, lo, width,
+                   SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr):
+    """Per pixel [BN]: whether its own segment is a partner and whether it is a positive (the forward's
+    flags count the members of a tile less the own segment)."""
+    partner = _in_range(own, lo, width) & (own >= 0)
+    if SET_MODE:
+        slot = tl.where(partner, own, 0).to(tl.int64)
+        shared = tl.load(pixel_words + offs_n * NUM_WORDS) & tl.load(prototype_words + slot * NUM_WORDS)
+        for word in tl.static_range(1, NUM_WORDS):
+            shared = shared | (tl.load(pixel_words + offs_n * NUM_WORDS + word)
+                               & tl.load(prototype_words + slot * NUM_WORDS + word))
+        positive = shared != 0
+    else:
+        positive = _in_range(own, positive_lo, positive_width)
+    return partner, partner & positive
+
+
+@triton.jit
+def own_similarity(embeddings, prototypes, offs_n, own, used, BLOCK_D: tl.constexpr):
+    """<e, p_own> in float32 for the ``used`` pixels of a tile ([BN]; 0 elsewhere) from the padded copies,
+    16 columns at a time (few registers, at the end of a kernel)."""
+    rows = tl.where(used, own, 0).to(tl.int64)
+    total = tl.zeros(offs_n.shape, tl.float32)
+    for first in tl.static_range(0, BLOCK_D, 16):
+        columns = first + tl.arange(0, 16)
+        pixel = tl.load(embeddings + offs_n[:, None] * BLOCK_D + columns[None, :]).to(tl.float32)
+        prototype = tl.load(prototypes + rows[:, None] * BLOCK_D + columns[None, :], mask=used[:, None],
+                            other=0.0).to(tl.float32)
+        total += tl.sum(pixel * prototype, axis=1)
+    return total

@@ -48,12 +48,15 @@ import torch
 import torch.nn.functional as F
 
 SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3            # tile kinds (tests and reports)
-UNIFORM, EXCLUDING, MASKED_LOOP, NO_VISIT = 0, 1, 2, 3   # loops, in visit order
-ALIGNED_RUNS = 256        # tiles of padding at most (group starts on tile boundaries): host-known sizes
+UNIFORM, EXCLUDING, COLUMN_MASKED, PAIR_MASKED, NO_VISIT = 0, 1, 2, 3, 4   # loops, in visit order
+LOOPS = 4                 # visited loops: the visit counts' columns
+ALIGNED_RUNS = 256        # tiles of padding at most (runs start on tile boundaries): host-known sizes
+PIXEL_ALIGNED_RUNS = 1024  # the same for the pixels' runs
 GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
 NOT_KEPT = torch.iinfo(torch.int64).max     # segments that cannot take part: sorted last, a group of their own
 UNLABELLED = torch.iinfo(torch.int64).min   # pixels that do not take part: sorted first, in no segment's group
 BIG = 2 ** 30             # slots stay below it (triton_kernels.visit_plan.BIG)
+LAST_RUN = 2 ** 62        # a run key above every pixel's (keys < 2^62; exact as the float F.pad takes)
 
 
 @dataclass
@@ -66,15 +69,21 @@ class ContrastPlan:
     pixel_order: torch.Tensor           # [N] int64: the pixel at each sorted position
     pixel_index: torch.Tensor           # [n_pad] int64: the participating pixel at each slot, else -1
     prototype_slot: torch.Tensor        # [M] int64: slot of each segment
-    prototype_kept: Optional[torch.Tensor]   # [M, 1] bool: the segment can take part (None: every one)
+    prototype_dropped: Optional[torch.Tensor]   # [M, 1] bool: the segment cannot take part (None: none)
     pixel_ranges: torch.Tensor          # [n_pad, 5] int32: own slot, partner range (first slot, width) (the
                                         # pixel's group), positive range (first slot, width) (single label)
     pixel_words: torch.Tensor           # [n_pad, W] int64 class sets (set mode), else [1, 1]
     prototype_words: torch.Tensor       # [m_pad, W] int64 / [1, 1]
+    prototype_keys: torch.Tensor        # [m_pad] int64: group << 32 | label + 1 (set mode: group << 32);
+                                        # empty slots and segments that cannot take part: NOT_KEPT
     row_entries: torch.Tensor           # [tiles_n, tiles_m] int32: prototype tile x 2 + positive, by loop
-    row_counts: torch.Tensor            # [tiles_n, 3] int32: ends of the uniform, excluding, masked visits
+    row_counts: torch.Tensor            # [tiles_n, 4] int32: ends of the uniform, excluding, column-masked
+                                        # and pair-masked visits
     col_entries: torch.Tensor           # [tiles_m, tiles_n] int32: pixel tile x 2 + positive
-    col_counts: torch.Tensor            # [tiles_m, 3] int32
+    col_counts: torch.Tensor            # [tiles_m, 4] int32
+    pixel_tile_types: torch.Tensor      # [tiles_n] bool: the tile's masked visits take the column-masked loop
+                                        # (every slot has the ranges and class set of its first, which has
+                                        # partners)
     m_pad: int
     set_mode: bool
 
@@ -96,15 +105,17 @@ class ContrastPlan:
 
     def describe(self) -> dict:
         """Tile-pair counts (reads the device: for reports and tests, never in the loss)."""
-        counts = self.row_counts.long()
-        uniform, excluding, masked = (int(counts[:, 0].sum()), int((counts[:, 1] - counts[:, 0]).sum()),
-                                      int((counts[:, 2] - counts[:, 1]).sum()))
+        counts = F.pad(self.row_counts.long(), (1, 0))
+        uniform, excluding, column_masked, pair_masked = (int((counts[:, k + 1] - counts[:, k]).sum())
+                                                          for k in range(LOOPS))
         num_pixels, num_prototypes = self.pixel_order.shape[0], self.prototype_slot.shape[0]
         dense = -(-num_pixels // self.block_n) * -(-num_prototypes // self.block_m)
-        kept = num_prototypes if self.prototype_kept is None else int(self.prototype_kept.sum())
+        kept = num_prototypes - (0 if self.prototype_dropped is None else int(self.prototype_dropped.sum()))
+        masked = column_masked + pair_masked
         return dict(block_n=self.block_n, block_m=self.block_m, pixels=int((self.pixel_index >= 0).sum()),
-                    prototypes=kept, dense_tiles=dense, uniform_tiles=uniform, excluding_tiles=excluding,
-                    masked_tiles=masked, visited_fraction=(uniform + excluding + masked) / max(1, dense))
+                    prototypes=kept, pixel_slots=self.n_pad, dense_tiles=dense, uniform_tiles=uniform,
+                    excluding_tiles=excluding, masked_tiles=masked, column_masked_tiles=column_masked,
+                    pair_masked_tiles=pair_masked, visited_fraction=(uniform + excluding + masked) / max(1, dense))
 
     def kinds(self) -> torch.Tensor:
         """[tiles_n, tiles_m] int64 SKIP / NEGATIVE / POSITIVE / MASKED (excluding tiles as their uniform
@@ -112,7 +123,7 @@ class ContrastPlan:
         kinds = torch.zeros(self.tiles_n, self.tiles_m, dtype=torch.int64)
         entries, counts = self.row_entries.cpu().long(), self.row_counts.cpu().long()
         for row in range(self.tiles_n):
-            for visit in range(int(counts[row, 2])):
+            for visit in range(int(counts[row, LOOPS - 1])):
                 entry = int(entries[row, visit])
                 kinds[row, entry >> 1] = MASKED if visit >= counts[row, 1] else (POSITIVE if entry & 1 else NEGATIVE)
         return kinds
@@ -126,24 +137,33 @@ def padded_prototypes(num_prototypes: int, block_m: int) -> tuple[int, int]:
     return (tiles * block_m + budget), budget
 
 
+def padded_pixels(num_pixels: int, block_n: int) -> tuple[int, int]:
+    """(slots, padding budget) for N pixels: at most a quarter more tiles, and ``PIXEL_ALIGNED_RUNS``
+    tiles (a pixel type - label or class set, in an image or a region - pads half a tile on average)."""
+    tiles = -(-num_pixels // block_n)
+    budget = min(-(-tiles // 4), PIXEL_ALIGNED_RUNS) * block_n
+    return (tiles * block_n + budget), budget
+
+
 def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labels: torch.Tensor,
                pixel_groups: Optional[torch.Tensor], prototype_groups: Optional[torch.Tensor],
-               block_n: int, block_m: int) -> ContrastPlan:
+               block_n: int, block_m: int, column_masked: bool = True) -> ContrastPlan:
     """segment [N] int64; labels [N]/[M] int64 (single-label, -1 unlabelled; < 2^31 - 1) or [N, W]/[M, W]
-    int64 class sets; groups [N]/[M] int64 in [-2^30, 2^30) or None; tile sizes of the kernels."""
+    int64 class sets; groups [N]/[M] int64 in [-2^30, 2^30) or None; tile sizes of the kernels;
+    ``column_masked``: whether the kernels have the column-masked loop (``configs.ContrastConfig``)."""
     set_mode = pixel_labels.dim() == 2
     num_pixels, num_prototypes = pixel_labels.shape[0], prototype_labels.shape[0]
-    n_pad = -(-num_pixels // block_n) * block_n
+    n_pad, pixel_budget = padded_pixels(num_pixels, block_n)
     m_pad, budget = padded_prototypes(num_prototypes, block_m)
 
     # 1. Sort. Single-label: one int64 key per row; set mode: (group, words...) columns.
     if set_mode:
-        prototype_kept = None
+        prototype_dropped = None
         prototype_group = (torch.zeros_like(prototype_labels[:, 0]) if prototype_groups is None
                            else prototype_groups)
         prototype_order = _lexsort([prototype_group, *prototype_labels.unbind(1)])
     else:
-        prototype_kept = (prototype_labels >= 0)[:, None]
+        prototype_dropped = (prototype_labels < 0)[:, None]
         prototype_key = _single_key(prototype_labels, prototype_groups, NOT_KEPT)
         prototype_order = torch.argsort(prototype_key, stable=True)
     sorted_position = torch.argsort(prototype_order)                    # of each segment
@@ -152,11 +172,15 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
         pixel_group = torch.zeros_like(segment) if pixel_groups is None else pixel_groups
         pixel_order = _lexsort([pixel_group, *pixel_labels.unbind(1), own_position])
         group_sorted, pixel_group_sorted = prototype_group[prototype_order], pixel_group[pixel_order]
+        key_sorted = group_sorted << GROUP_SHIFT
+        pixel_words_sorted = pixel_labels[pixel_order]
+        pixel_runs = _run_ids(torch.cat([pixel_group_sorted[:, None], pixel_words_sorted], 1))
     else:
         pixel_key = _single_key(pixel_labels, pixel_groups, UNLABELLED)   # sorted first, in no group
         pixel_order = _lexsort([pixel_key, own_position])
         key_sorted, pixel_key_sorted = prototype_key[prototype_order], pixel_key[pixel_order]
         group_sorted, pixel_group_sorted = key_sorted >> GROUP_SHIFT, pixel_key_sorted >> GROUP_SHIFT
+        pixel_runs = pixel_key_sorted
 
     # 2. Slots of the sorted segments; ranges in slots: first slot and width.
     slot_sorted = _slots(group_sorted, block_m, budget)
@@ -170,30 +194,49 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
     positive_lo, positive_width = ((lo, torch.zeros_like(width)) if set_mode
                                    else slot_range(key_sorted, pixel_key_sorted))
     ranges = torch.stack([starts[own_position[pixel_order]], lo, width, positive_lo, positive_width], 1)
-    pixel_ranges = F.pad(ranges.to(torch.int32), (0, 0, 0, n_pad - num_pixels))
     pixel_index = pixel_order if set_mode else pixel_order.masked_fill(pixel_key_sorted == UNLABELLED, -1)
-    pixel_index = F.pad(pixel_index, (0, n_pad - num_pixels), value=-1)
     # kept slots are a prefix of each tile: a tile's kept end is where its first non-kept slot would be
     kept_slots = slot_sorted if set_mode else slot_sorted.masked_fill(key_sorted == NOT_KEPT, BIG)
-    tile_ends = torch.arange(1, m_pad // block_m + 1, device=segment.device) * block_m
+    tile_ends = torch.arange(block_m, m_pad + 1, block_m, device=segment.device)
     kept_end = ends[torch.searchsorted(kept_slots, tile_ends)].to(torch.int32)
+    prototype_keys = torch.full((m_pad,), NOT_KEPT, dtype=torch.int64, device=segment.device)
+    prototype_keys[slot_sorted] = key_sorted
     if set_mode:
-        pixel_words = F.pad(pixel_labels[pixel_order], (0, 0, 0, n_pad - num_pixels))
-        prototype_words = pixel_words.new_zeros(m_pad, pixel_labels.shape[1])
+        prototype_words = pixel_labels.new_zeros(m_pad, pixel_labels.shape[1])
         prototype_words[slot_sorted] = prototype_labels[prototype_order]
     else:
-        pixel_words = prototype_words = torch.zeros(1, 1, dtype=torch.int64, device=segment.device)
+        prototype_words = torch.zeros(1, 1, dtype=torch.int64, device=segment.device)
 
-    # 3-4. Tile loops and visit lists.
-    lists = visit_lists(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
-                        block_n, block_m)
-    return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_kept,
-                        pixel_ranges, pixel_words, prototype_words, *lists, m_pad, set_mode)
+    # 3. Slots of the sorted pixels: each run of one type starts on a tile boundary (within the budget); the
+    # rest of its last tile repeats its last row (zero rows that take no part, pixel_index -1), so that the
+    # tile holds one type and its masked tiles need a test per column only. A sentinel run after the last
+    # one leaves the slots past its tile empty.
+    slot = _slots(F.pad(pixel_runs, (0, 1), value=LAST_RUN), block_n, pixel_budget)     # [N + 1]
+    # 1 + the sorted row each slot holds or repeats (slot[0] is 0): rows of the data padded by one
+    # unused row in front and the sentinel (an empty range) behind
+    source = torch.searchsorted(slot, torch.arange(n_pad, device=segment.device), right=True)
+    pixel_ranges = F.pad(ranges, (0, 0, 1, 1))[source].to(torch.int32)
+    pixel_index = torch.full((n_pad + 1,), -1, dtype=torch.int64, device=segment.device).index_put_(
+        (slot[:-1],), pixel_index)[:n_pad]
+    pixel_words = (F.pad(pixel_words_sorted, (0, 0, 1, 1))[source] if set_mode else prototype_words)
+
+    # 4-5. Tile loops and visit lists.
+    lists = visit_lists(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode, column_masked, block_n,
+                        block_m)
+    return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_dropped,
+                        pixel_ranges, pixel_words, prototype_words, prototype_keys, *lists, m_pad, set_mode)
+
+
+def _run_ids(columns: torch.Tensor) -> torch.Tensor:
+    """columns [rows, C] sorted rows -> [rows] int64 non-decreasing: the index of each row's run of equal
+    rows."""
+    return F.pad((columns[1:] != columns[:-1]).any(1).cumsum(0), (1, 0))
 
 
 def _single_key(labels: torch.Tensor, groups: Optional[torch.Tensor], unlabelled: int) -> torch.Tensor:
-    """[rows] int64 group << 32 | (label + 1); unlabelled rows (label < 0): ``unlabelled``."""
-    key = labels + 1 if groups is None else (groups << GROUP_SHIFT) | (labels + 1)
+    """[rows] int64 group << 32 | (label + 1) (as a sum: labels < 2^31 - 1); unlabelled rows (label < 0):
+    ``unlabelled``."""
+    key = labels + 1 if groups is None else (labels + 1).add_(groups, alpha=1 << GROUP_SHIFT)
     return key.masked_fill(labels < 0, unlabelled)
 
 
@@ -207,13 +250,13 @@ def _lexsort(columns: list[torch.Tensor]) -> torch.Tensor:
 
 def _slots(sorted_runs: torch.Tensor, block: int, budget: int) -> torch.Tensor:
     """sorted_runs [k] non-decreasing run keys -> slot of each row [k] int64: after each run, padding up
-    to the next multiple of ``block``, for the first runs whose padding fits in ``budget`` slots."""
+    to the next multiple of ``block``, for the first runs whose padding fits in ``budget`` slots (the
+    run across the budget is padded in part; later runs are not)."""
     index = torch.arange(sorted_runs.shape[0], device=sorted_runs.device)
     run_start = torch.searchsorted(sorted_runs, sorted_runs)
     run_end = torch.searchsorted(sorted_runs, sorted_runs, right=True)
     padding = (run_start - run_end) % block * (run_end == index + 1)       # at each run's last row
-    padding *= torch.cumsum(padding, 0) <= budget
-    return index + torch.cumsum(padding, 0) - padding
+    return index + (torch.cumsum(padding, 0) - padding).clamp_(max=budget)
 
 
 def _launchable(device: torch.device) -> bool:
@@ -223,28 +266,34 @@ def _launchable(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def visit_lists(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode: bool, block_n: int,
-                block_m: int):
-    """(row_entries, row_counts, col_entries, col_counts): the plan's kernels on CUDA, else the same rule
-    in PyTorch."""
+def visit_lists(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode: bool, column_masked: bool,
+                block_n: int, block_m: int):
+    """(row_entries, row_counts, col_entries, col_counts, pixel_tile_types): the plan's kernels on CUDA,
+    else the same rule in PyTorch."""
     if _launchable(pixel_ranges.device):
         from spml_fast.triton_kernels.visit_plan import launch_visit_plan
-        return launch_visit_plan(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
+        return launch_visit_plan(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode, column_masked,
                                  block_n, block_m)
-    return visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode,
+    return visit_lists_reference(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode, column_masked,
                                  block_n, block_m)
 
 
-def visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words, kept_end, set_mode: bool,
-                          block_n: int, block_m: int):
+def visit_lists_reference(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode: bool,
+                          column_masked: bool, block_n: int, block_m: int):
     """``triton_kernels.visit_plan``'s rule and lists in PyTorch (the same outputs; entries past a
-    row's count are unspecified there, -1 here)."""
+    row's count are unspecified there, -1 here). Slots with an empty partner range take no part in the
+    bounds."""
     tiles_n, tiles_m = pixel_ranges.shape[0] // block_n, kept_end.shape[0]
     rows = pixel_ranges.view(tiles_n, block_n, 5).long()
-    live = (torch.arange(pixel_ranges.shape[0], device=rows.device) < num_pixels).view(tiles_n, block_n)
     own, lo, width, positive_lo, positive_width = rows.unbind(2)
+    live = width > 0
     hi, positive_hi = lo + width, positive_lo + positive_width
     has_positives = live & (positive_width > 0)
+    same = (rows[:, :, 1:] == rows[:, :1, 1:]).all(2)
+    if set_mode:
+        words = pixel_words.view(tiles_n, block_n, -1)
+        same &= (words == words[:, :1]).all(2)
+    pixel_tile_types = same.all(1) & live[:, 0] & column_masked
 
     def low(values, used=live):
         return torch.where(used, values, BIG).amin(1)[:, None]
@@ -264,7 +313,8 @@ def visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words
         all_negative = (low(-positive_hi, has_positives) >= -start) | (low(positive_lo, has_positives) >= end)
     uniform = visit & partners & (all_positive | all_negative)
     plain = (end == start + block_m) & ((low(own) >= start + block_m) | (low(-own) > -start))
-    loop = torch.where(uniform, torch.where(plain, UNIFORM, EXCLUDING), torch.where(visit, MASKED_LOOP, NO_VISIT))
+    masked = torch.where(pixel_tile_types[:, None], COLUMN_MASKED, PAIR_MASKED)
+    loop = torch.where(uniform, torch.where(plain, UNIFORM, EXCLUDING), torch.where(visit, masked, NO_VISIT))
     positive = (uniform & all_positive).long()
     lists = []
     for loops, flags in ((loop, positive), (loop.t(), positive.t())):
@@ -272,9 +322,9 @@ def visit_lists_reference(pixel_ranges, num_pixels, pixel_words, prototype_words
         entry = torch.arange(others, device=rows.device)[None, :] * 2 + flags
         ordered = torch.sort(loops * 2 * others + entry, dim=1).values
         entries = torch.where(ordered < 2 * others * NO_VISIT, ordered % (2 * others), -1)
-        counts = torch.stack([(loops <= kind).sum(1) for kind in (UNIFORM, EXCLUDING, MASKED_LOOP)], 1)
+        counts = torch.stack([(loops <= kind).sum(1) for kind in range(LOOPS)], 1)
         lists += [entries.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous()]
-    return tuple(lists)
+    return (*lists, pixel_tile_types)
 
 
 def _tile_words(words: torch.Tensor, used: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

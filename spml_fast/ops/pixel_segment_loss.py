@@ -5,7 +5,7 @@ entry. The engines live apart: ``pixel_segment_torch`` (tiled PyTorch) and ``pix
 Decomposition shared by every path. For pixel i the streamed part covers the
 segments other than its own segment c(i):
     lse_positive_other(i), lse_negative(i), num_positive_other(i)
-and the wrapper adds the own segment in O(N * D) (segsort+ rule):
+and the own segment's logit kappa <e_i, p_c(i)>, which the wrapper adds (segsort+ rule):
     lse_positive = lse_positive_other      if num_positive_other > 0
                  = kappa <e_i, p_c(i)>     otherwise
     lse_all      = logaddexp(lse_positive, lse_negative)
@@ -49,9 +49,8 @@ class PixelSegmentLossFunction(torch.autograd.Function):
     def forward(ctx, embeddings, prototypes, inputs: LossInputs, backend: str):
         prepare, stats, _ = _PATHS[backend]
         prepared = prepare(embeddings, inputs)
-        lse_positive_other, lse_negative, num_positive_other = stats(embeddings, prototypes, inputs, prepared)
-        dtype = accumulation_dtype(embeddings)
-        own_logit = (embeddings.to(dtype) * prototypes.index_select(0, inputs.segment).to(dtype)).sum(1) * inputs.kappa
+        lse_positive_other, lse_negative, num_positive_other, own_logit = stats(embeddings, prototypes, inputs,
+                                                                                 prepared)
         has_other_positive = num_positive_other > 0
         lse_positive = torch.where(has_other_positive, lse_positive_other, own_logit)
         lse_all = torch.logaddexp(lse_positive, lse_negative)
@@ -71,11 +70,10 @@ class PixelSegmentLossFunction(torch.autograd.Function):
         _, _, grads = _PATHS[ctx.backend]
         dtype = accumulation_dtype(embeddings)
         pixel_grad = grad_per_pixel.to(dtype).masked_fill(left_out, 0.0)
-        grad_embeddings, grad_prototypes = grads(embeddings, prototypes, inputs, ctx.prepared,
-                                                 lse_positive, lse_all, pixel_grad)
-        own_scale = (pixel_grad * own_grad)[:, None]                                  # [N, 1]
-        grad_embeddings.addcmul_(own_scale, prototypes.index_select(0, inputs.segment).to(dtype))
-        own_terms = embeddings.to(dtype).masked_fill(left_out[:, None], 0.0) * own_scale
+        grad_embeddings, grad_prototypes, own_scale = grads(embeddings, prototypes, inputs, ctx.prepared,
+                                                            lse_positive, lse_all, pixel_grad, own_grad)
+        # dE is whole; dP still needs the own segment's terms, own_scale * e, summed per segment
+        own_terms = embeddings.to(dtype).masked_fill(left_out[:, None], 0.0) * own_scale[:, None]
         grad_prototypes += segment_sum_sorted(own_terms, inputs.segment, grad_prototypes.shape[0])
         return grad_embeddings.to(embeddings.dtype), grad_prototypes.to(prototypes.dtype), None, None
 

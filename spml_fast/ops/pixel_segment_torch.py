@@ -141,9 +141,10 @@ def _exact_lse(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs, types: PixelTypes):
-    """Tiled PyTorch forward: (lse_positive_other, lse_negative, num_positive_other), [N] each, in the
-    accumulation dtype; non-participating pixels get (-inf, -inf, 0)."""
+    """Tiled PyTorch forward: (lse_positive_other, lse_negative, num_positive_other, own_logit), [N] each, in
+    the accumulation dtype; non-participating pixels get (-inf, -inf, 0, their own logit)."""
     num_pixels, dtype = embeddings.shape[0], accumulation_dtype(embeddings)
+    own_logit = (embeddings.to(dtype) * prototypes.index_select(0, inputs.segment).to(dtype)).sum(1) * inputs.kappa
     scaled = _ColumnCache(prototypes.to(dtype) * inputs.kappa)
     lse_positive = torch.full((num_pixels,), float("-inf"), device=embeddings.device, dtype=dtype)
     lse_negative, num_positive = lse_positive.clone(), torch.zeros_like(lse_positive)
@@ -168,15 +169,17 @@ def torch_other_segment_stats(embeddings, prototypes, inputs: LossInputs, types:
                 lse[index][redo] = _exact_lse(exact, mask[redo] if mask.shape[0] > 1 else mask)
         lse_positive[chunk.rows], lse_negative[chunk.rows] = lse
         num_positive[chunk.rows] = counts[0].to(dtype)
-    return lse_positive, lse_negative, num_positive
+    return lse_positive, lse_negative, num_positive, own_logit
 
 
 SAFE_GAP = 60.0     # lse_all - lse_positive above this: 1 - exp(gap) would overflow next to exp(l - lse_all)
 
 
 def torch_other_segment_grads(embeddings, prototypes, inputs: LossInputs, types: PixelTypes,
-                              lse_positive, lse_all, pixel_grad):
-    """Tiled PyTorch backward over the non-own segments: (dE [N, D], dP [M, D]) in the accumulation dtype.
+                              lse_positive, lse_all, pixel_grad, own_grad):
+    """Tiled PyTorch backward: (dE [N, D], dP [M, D], own [N]) in the accumulation dtype, as the kernels
+    return them: dE whole (own_grad [N]: kappa dL/d(own logit)), dP over the non-own segments, and
+    own = pixel_grad * own_grad, the own segment's coefficient for the caller (dP_own += own * e).
 
     dL/dlogit(i, s) = g_i exp(l_is - lse_all_i) on negatives and
     g_i exp(l_is - lse_all_i) (1 - exp(lse_all_i - lse_positive_i)) on positives (softmax over S+ u S-
@@ -213,4 +216,6 @@ def torch_other_segment_grads(embeddings, prototypes, inputs: LossInputs, types:
             grad_prototypes.addmm_(grad_logits.t(), pixels, alpha=inputs.kappa)
         else:
             grad_prototypes.index_add_(0, chunk.columns, grad_logits.t() @ pixels, alpha=inputs.kappa)
-    return grad_embeddings, grad_prototypes
+    own = pixel_grad * own_grad
+    grad_embeddings.addcmul_(own[:, None], prototypes.index_select(0, inputs.segment).to(dtype))
+    return grad_embeddings, grad_prototypes, own

@@ -33,41 +33,43 @@ class TritonPlan:
         config = contrast_config(embeddings.device, block_d)
         labels = inputs.labels
         plan = build_plan(inputs.segment, labels.pixel, labels.prototype, labels.pixel_groups,
-                          labels.prototype_groups, config.block_n, config.block_m)
+                          labels.prototype_groups, config.block_n, config.block_m, config.column_masked)
         return TritonPlan(plan, config, block_d)
 
     def sorted_copies(self, embeddings: torch.Tensor, prototypes: torch.Tensor):
         """[n_pad, BLOCK_D] and [m_pad, BLOCK_D] copies in the plan's slots (the kernels read them without
-        masks); empty slots, non-participating pixels and segments that cannot take part are zero rows (a
-        NaN there never meets a zero factor). Kept for the backward: one copy of each operand."""
+        masks), and the largest prototype norm ([1] float32, the forward's bound on the logits); empty and
+        padding slots, non-participating pixels and segments that cannot take part are zero rows (a NaN
+        there never meets a zero factor). Kept for the backward: one copy of each operand."""
         if self.copies is None:
             plan = self.plan
             pad = self.block_d - embeddings.shape[1]
-            pixels = F.pad(embeddings[plan.pixel_order], (0, pad, 0, plan.n_pad - embeddings.shape[0]))
-            if not plan.set_mode:
-                pixels = pixels.masked_fill((plan.pixel_index < 0)[:, None], 0)
-            kept = prototypes if plan.prototype_kept is None else prototypes.masked_fill(~plan.prototype_kept, 0)
+            pixels = F.pad(embeddings, (0, pad, 0, 1))[plan.pixel_index]     # index -1: the zero row appended
+            kept = prototypes if plan.prototype_dropped is None else prototypes.masked_fill(plan.prototype_dropped, 0)
             placed = prototypes.new_zeros(plan.m_pad, self.block_d)
             placed[plan.prototype_slot, :prototypes.shape[1]] = kept
-            self.copies = (pixels, placed)
+            norm = torch.linalg.vector_norm(placed, dim=1, dtype=torch.float32).amax(0, keepdim=True)
+            self.copies = (pixels, placed, norm)
         return self.copies
 
 
 def triton_other_segment_stats(embeddings, prototypes, inputs: LossInputs, prepared: TritonPlan):
-    """(lse over S+ less the own segment, lse over S- less it, 1.0 where S+ less it is not empty), [N]
-    float32 each; -inf for empty sets, 0 for pixels that do not participate."""
+    """(lse over S+ less the own segment, lse over S- less it, 1.0 where S+ less it is not empty, the own
+    segment's logit), [N] float32 each; -inf for empty sets, 0 for pixels that do not participate."""
     from spml_fast.triton_kernels.pixel_segment_fwd import launch_pixel_segment_lse
-    return launch_pixel_segment_lse(*prepared.sorted_copies(embeddings, prototypes), prepared.plan,
-                                    prepared.config, inputs.kappa).unbind(0)
+    pixels, placed, norm = prepared.sorted_copies(embeddings, prototypes)
+    return launch_pixel_segment_lse(pixels, placed, norm, prepared.plan, prepared.config, inputs.kappa).unbind(0)
 
 
 def triton_other_segment_grads(embeddings, prototypes, inputs: LossInputs, prepared: TritonPlan, lse_positive,
-                               lse_all, pixel_grad):
-    """(dE [N, D], dP [M, D]) float32 over the non-own segments (pixel_grad [N] float32, 0 where the pixel
-    does not take part)."""
+                               lse_all, pixel_grad, own_grad):
+    """(dE [N, D], dP [M, D], own [N]) float32 (pixel_grad [N] float32, 0 where the pixel does not take
+    part; own_grad [N]: kappa dL/d(own logit)): dE whole, dP but for the own segments' rows, and ``own``,
+    the own segment's coefficient that completes them (dP_own += own * e; ``launch_pixel_segment_grads``)."""
     from spml_fast.triton_kernels.pixel_segment_bwd import launch_pixel_segment_grads
     plan = prepared.plan
-    grad_embeddings, sorted_grad_prototypes = launch_pixel_segment_grads(
-        *prepared.sorted_copies(embeddings, prototypes), plan, prepared.config, inputs.kappa, lse_all,
-        lse_positive, pixel_grad, embeddings.shape[1])
-    return grad_embeddings, sorted_grad_prototypes[plan.prototype_slot, :prototypes.shape[1]]
+    pixels, placed, _ = prepared.sorted_copies(embeddings, prototypes)
+    grad_embeddings, sorted_grad_prototypes, own = launch_pixel_segment_grads(
+        pixels, placed, plan, prepared.config, inputs.kappa, lse_all, lse_positive, pixel_grad, own_grad,
+        embeddings.shape[1])
+    return grad_embeddings, sorted_grad_prototypes[plan.prototype_slot, :prototypes.shape[1]], own
