@@ -51,14 +51,15 @@ class HostRecord:
 
 class _NoLaunch:
     """A launch that does no work but leaves its float buffers at 1.0 (outside any dispatch mode, so the
-    count does not see it): plausible values for what the step computes downstream."""
+    count does not see it): plausible values for what the step computes downstream. The caller's own
+    tensors (those that require grad: the loss kernels read the original prototypes) are left alone."""
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             from torch.utils._python_dispatch import _disable_current_modes
             with _disable_current_modes():
                 for value in args:
-                    if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.requires_grad:
                         value.fill_(1.0)
         return launch
 

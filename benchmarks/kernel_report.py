@@ -146,11 +146,11 @@ def _resources(usage: str, sass: str) -> dict:
 
 def _loss_pointers(dtype: str) -> dict:
     element = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype]
-    pointers = dict(embeddings=element, prototypes=element, pixel_ranges="*i32", pixel_words="*i64",
-                    prototype_words="*i64", prototype_keys="*i64", visit_entries="*i32", visit_counts="*i32", pixel_index="*i64")
-    pointers["flags"] = "*i32"
-    for name in ("outputs", "lse_all", "lse_positive",
-                 "pixel_grad", "grad_scale", "prototype_norm", "own_out", "grad_out", "partial_out", "row_stats"):
+    pointers = dict(embeddings=element, prototypes=element, own_prototypes=element, pixel_ranges="*i32",
+                    pixel_words="*i64", prototype_words="*i64", prototype_keys="*i64", visit_entries="*i32",
+                    visit_counts="*i32", pixel_index="*i64", segment="*i64", flags="*i32")
+    for name in ("outputs", "lse_all", "lse_positive", "pixel_grad", "grad_scale", "own_grad", "prototype_norm",
+                 "own_out", "grad_out", "partial_out", "row_stats"):
         pointers[name] = "*fp32"
     return pointers
 

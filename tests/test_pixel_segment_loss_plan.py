@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import NEEDS_TRITON, device_for
+from conftest import MODES, NEEDS_TRITON, device_for, make_problem
 from spml_fast import pixel_segment_loss
-from spml_fast.ops.contrast_plan import MASKED, NEGATIVE, POSITIVE, build_plan
+from spml_fast.ops.contrast_plan import MASKED, NEGATIVE, POSITIVE, _slots, build_plan
 from spml_fast.ops.membership import membership
 from spml_fast.ops.reference import pixel_segment_loss_dense
 
@@ -255,3 +255,54 @@ def test_segments_of_no_pixels_group_take_no_part():
                                         prototype_labels, kappa=10.0, **kwargs)
     assert bool((prototype_groups == -1).any())
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_slots_start_runs_on_tile_boundaries_within_the_budget():
+    """Runs of lengths 3, 2, 5, 1 in tiles of 4: padding 1, 2, 3 after them. With a budget of 6 every run
+    starts on a tile boundary; with 4 the last one does not (the slots only stay increasing)."""
+    runs = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 3])
+    assert _slots(runs, 4, 6).tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11, 12, 16]
+    assert _slots(runs, 4, 4).tolist() == [0, 1, 2, 4, 5, 8, 9, 10, 11, 12, 14]
+
+
+def test_pixel_tiles_of_one_type_hold_one_type():
+    """More pixel types than the padding budget holds: the tiles flagged as one type (the column-masked
+    loop's) have every slot with the first slot's ranges and a partner; the others exist too; every
+    participating pixel has exactly one slot, padding slots none."""
+    problem = make_problem(200, 60, mode="single+groups", num_classes=12)
+    plan = build_plan(problem.segment, problem.pixel_labels, problem.prototype_labels,
+                      problem.groups["pixel_groups"], problem.groups["prototype_groups"], 16, 16)
+    ranges = plan.pixel_ranges.view(plan.tiles_n, 16, 5)[:, :, 1:]
+    one_type = plan.pixel_tile_types
+    assert bool(one_type.any()) and bool((~one_type & (ranges[:, :, 1] > 0).any(1)).any())
+    assert bool((ranges[one_type] == ranges[one_type][:, :1]).all()) and bool((ranges[one_type][:, 0, 1] > 0).all())
+    held = plan.pixel_index[plan.pixel_index >= 0]
+    participating = torch.nonzero(problem.pixel_labels >= 0).squeeze(1)
+    assert torch.equal(held.sort().values, participating)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_column_and_pair_masked_loops_match_dense(mode, dtype):
+    """A batch with more pixel types than the padding budget: some pixel tiles hold one type (the
+    column-masked loop, which keeps the own segment's term for the dE kernel to take out), others several
+    (the pair-masked loop). Loss and both gradients against float64."""
+    problem = make_problem(200, 60, mode=mode, num_classes=12)
+    plan = build_plan(problem.segment, problem.pixel_labels, problem.prototype_labels,
+                      problem.groups.get("pixel_groups"), problem.groups.get("prototype_groups"), 16, 16)
+    assert plan.describe()["column_masked_tiles"] > 0 and plan.describe()["pair_masked_tiles"] > 0
+    device = device_for("triton")
+    e = problem.embeddings.to(device=device, dtype=dtype).requires_grad_()
+    p = problem.prototypes.to(device=device, dtype=dtype).requires_grad_()
+    args = [t.to(device) for t in problem.args()[2:]]
+    groups = {k: v.to(device) for k, v in problem.groups.items()}
+    loss = pixel_segment_loss(e, p, *args, kappa=12.0, backend="triton", **groups)
+    loss.backward()
+    e64, p64 = e.detach().double().requires_grad_(), p.detach().double().requires_grad_()
+    expected = pixel_segment_loss_dense(e64, p64, *args, kappa=12.0, **groups)
+    expected.backward()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(loss.double(), expected.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(e.grad.double(), e64.grad.double(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(p.grad.double(), p64.grad.double(), rtol=tolerance, atol=tolerance)

@@ -9,13 +9,13 @@ both bounded (exponent <= 0, factor in [-1, 0]): nothing overflows, for any
 kappa. The dE kernel derives them for the pixels of its tile (``_row_stats``)
 from the forward's lse over S+ and over S u S- and the upstream gradient,
 read in the pixels' original rows through the plan's ``pixel_index``, and
-stores them per slot ([n_pad, 4] float32) for the dP kernel, which runs
-after it:
-(offset S-, offset S+, factor S-, factor S+) in log2 units, the upstream
-gradient scaled to [-1, 1] (by ``grad_scale``, its largest magnitude, so
-that fp16 tiles of G keep their precision) folded into the factors; padded
-and non-participating rows are 0. The outputs are scaled back by kappa *
-grad_scale: dE in the pixels' rows, dP as [S, m_pad, BLOCK_D] partials.
+stores them per slot ([n_pad, ROW_STATS] float32) for the dP kernel, which
+runs after it: (offset S+, factor S+, offset S-, factor S-, offset S+ less
+S-, factor S+ less S-) in log2 units, the upstream gradient scaled to
+[-1, 1] (by ``grad_scale``, its largest magnitude, so that fp16 tiles of G
+keep their precision) folded into the factors; padded and non-participating
+rows are 0. The outputs are scaled back by kappa * grad_scale: dE in the
+pixels' rows, dP as [S, m_pad, BLOCK_D] partials.
 
 Two kernels rather than one kernel with atomics:
 - ``grad_embeddings_kernel``: a program per pixel tile walks its visit list
@@ -25,9 +25,17 @@ Two kernels rather than one kernel with atomics:
   fused-attention dK/dV kernel, and accumulates dP = G^T @ E; S splits
   (fixed from the shapes), each taking 1/S of its column's visits, write
   float32 partials [S, m_pad, BLOCK_D], summed afterwards in split order.
-Each kernel has the forward's three passes: uniform tiles (one offset and
+Each kernel has the forward's four passes: uniform tiles (one offset and
 factor per row), excluding tiles (the same, own segment and empty slots
-zeroed), masked tiles (per-pair membership).
+zeroed), column-masked tiles (membership per segment: the offset and factor
+blended by a per-segment weight, the exponent capped at 0 by a per-segment
+ceiling, -inf off the partners) and pair-masked tiles (membership per
+pair). The column-masked pass has no per-pair test for the own segment: it
+keeps its term, which the cap bounds (its lse does not hold it, so its
+exponent may exceed 0), and the dE kernel computes that term in float32 and
+takes it out of the own segment's coefficient: dE is whole, and the caller
+adds coefficient x e to each own segment's dP row with the rest of the own
+segment's gradient.
 Atomics on dP would make float32 sums depend on scheduling order; with two
 kernels and a fixed visit order training stays bit-reproducible, which
 resuming a killed run exactly relies on.
@@ -39,7 +47,8 @@ import triton
 import triton.language as tl
 
 from .utils import (LN2, LOG2E, LOG2E_IN_KERNEL, _in_range, _per_pixel, column_members, dot, ieee_dot,
-                    load_row_ranges, load_tile, own_membership, own_similarity, tile_partners, tile_positives, visit_bounds)
+                    load_row_ranges, load_tile, own_membership, own_prototype_rows, own_similarity, tile_partners,
+                    tile_positives, visit_bounds)
 
 
 # per slot, for dP: offset and factor of S+, of S-, and their differences (S+ less S-)
@@ -127,9 +136,10 @@ def grad_embeddings_kernel(
     pixel_ranges, pixel_words, prototype_words, prototype_keys,
     visit_entries, visit_counts, tiles_m,
     pixel_index, lse_all, lse_positive, pixel_grad, grad_scale,    # [n_pad] int64, [N] float32 x 3, [1]
-    own_grad,                                      # [N] float32: kappa dL/d(own logit) where the own segment is in S+
+    own_grad,                                      # [N] float32: kappa dL/d(own logit) (own segment in S+)
     grad_out, dim, row_stats,                      # [N, dim] float32; out: [n_pad, ROW_STATS] float32
     own_out,                                       # [N] float32: the own segment's coefficient (below)
+    own_prototypes, own_stride_row, own_stride_col, segment,        # the caller's [M, dim] prototypes, [N] int64
     scale, kappa,
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr, COLUMN_MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -203,27 +213,36 @@ def grad_embeddings_kernel(
     index = tl.load(pixel_index + offs_n)
     stored = index >= 0
     index = index.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
     out_scale = _grad_scale(grad_scale) * kappa
-    # The own segment's coefficient c (dE += c p_own here; dP_own += c e by the caller): its gradient where
-    # it is in S+ (g * own_grad), less its term where pass 3 took it in (pass 3's membership, float32).
+    tl.store(grad_out + index[:, None] * dim + offs_d[None, :], accumulator * out_scale,
+             mask=stored[:, None] & (offs_d < dim)[None, :])
+    # The own segment's coefficient c (dE += c p_own here, dP_own += c e by the caller): its gradient where it
+    # is in S+ (g * own_grad), less its term where pass 3 took it in (pass 3's membership, in float32).
     own_coefficient = tl.load(pixel_grad + index, mask=stored, other=0.0) * tl.load(own_grad + index, mask=stored,
                                                                                     other=0.0)
     if COLUMN_MASKED:
         own_partner, own_positive = own_membership(own, positive_lo, positive_width, pixel_words, prototype_words,
                                                    offs_n, lo, width, SET_MODE, NUM_WORDS)
         taken = (own_visited != 0) & own_partner
-        own_logit = own_similarity(embeddings, prototypes, offs_n, own, taken, BLOCK_D) * scale
+        own_logit = own_similarity(embeddings, offs_n, own_prototypes, own_stride_row, own_stride_col, segment,
+                                   index, taken, dim, BLOCK_D) * scale
         weight = own_positive.to(tl.float32)
         own_term = tl.math.exp2(tl.minimum(own_logit - (offset_negative + weight * offset_delta), 0.0)) * (
             factor_negative + weight * factor_delta)
         own_coefficient -= tl.where(taken, own_term * out_scale, 0.0)
     tl.store(own_out + index, own_coefficient, mask=stored)
-    offs_d = tl.arange(0, BLOCK_D)
-    own_rows = tl.load(prototypes + tl.where(stored, own, 0).to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :],
-                       mask=stored[:, None], other=0.0).to(tl.float32)
-    tl.store(grad_out + index[:, None] * dim + offs_d[None, :],
-             accumulator * out_scale + own_coefficient[:, None] * own_rows,
-             mask=stored[:, None] & (offs_d < dim)[None, :])
+    # dE += c p_own, 16 columns at a time over the rows just stored (a barrier: other threads wrote them),
+    # so that no second [BLOCK_N, BLOCK_D] tile is live next to the accumulator. (Without pass 3 the
+    # caller adds it: at D = 128 even this epilogue spills.)
+    if COLUMN_MASKED:
+        tl.debug_barrier()
+        for first in range(0, BLOCK_D, 16):             # a loop, not unrolled: one chunk's registers at a time
+            columns = first + tl.arange(0, 16)
+            written = grad_out + index[:, None] * dim + columns[None, :]
+            in_row = stored[:, None] & (columns < dim)[None, :]
+            tl.store(written, tl.load(written, mask=in_row, other=0.0) + own_coefficient[:, None] * own_prototype_rows(
+                own_prototypes, own_stride_row, own_stride_col, segment, index, stored, columns, dim), mask=in_row)
 
 
 @triton.jit
@@ -317,15 +336,18 @@ def prototype_splits(tiles_n: int, tiles_m: int, config) -> int:
     return max(1, min(wanted, -(-tiles_n // config.entries_per_split)))
 
 
-def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor, plan, config,
-                               kappa: float, lse_all: torch.Tensor, lse_positive: torch.Tensor,
-                               pixel_grad: torch.Tensor, own_grad: torch.Tensor, dim: int):
-    """Gradients of sum_i g_i L(i). sorted_* [n_pad | m_pad, BLOCK_D] (the plan's slots); lse_all,
+def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor,
+                               prototypes: torch.Tensor, segment: torch.Tensor, plan, config, kappa: float,
+                               lse_all: torch.Tensor, lse_positive: torch.Tensor, pixel_grad: torch.Tensor,
+                               own_grad: torch.Tensor):
+    """Gradients of sum_i g_i L(i). sorted_* [n_pad | m_pad, BLOCK_D] (the plan's slots); prototypes [M, D]
+    and segment [N] as the caller has them (the own segments' terms); lse_all,
     lse_positive, pixel_grad, own_grad [N] float32 (g = 0 where the pixel does not take part; own_grad:
     kappa dL/d(own logit)). Returns float32 (dE [N, dim], dP [m_pad, BLOCK_D] in the slots' order, own
-    [N]): dE whole; dP over the other segments, except that a column-masked tile leaves the own
-    segment's term in; ``own`` is the own segment's coefficient, g * own_grad less that term, for the
-    caller to complete dP (dP_own += own * e)."""
+    [N]): dE whole (with ``config.column_masked``; else without the own segment's term, own * p_own); dP
+    over the other segments, except that a column-masked tile leaves the own segment's term in; ``own``
+    is the own segment's coefficient, g * own_grad less that term, for the caller to complete dP
+    (dP_own += own * e)."""
     block_d = sorted_embeddings.shape[1]
     m_pad = sorted_prototypes.shape[0]
     device = sorted_embeddings.device
@@ -336,12 +358,14 @@ def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototype
                  COLUMN_MASKED=config.column_masked, BLOCK_N=config.block_n, BLOCK_M=config.block_m,
                  BLOCK_D=block_d)
     scale = kappa * LOG2E
+    dim = prototypes.shape[1]
     grad_embeddings = torch.zeros(pixel_grad.shape[0], dim, device=device, dtype=torch.float32)
     row_stats = torch.empty(plan.n_pad, ROW_STATS.value, device=device, dtype=torch.float32)
     own = torch.zeros(pixel_grad.shape[0], device=device, dtype=torch.float32)
     grad_embeddings_kernel[(plan.tiles_n,)](
         sorted_embeddings, sorted_prototypes, *meta, plan.row_entries, plan.row_counts, plan.tiles_m, *stats,
-        grad_embeddings, dim, row_stats, own, scale, kappa, **flags,
+        grad_embeddings, dim, row_stats, own, prototypes, prototypes.stride(0), prototypes.stride(1), segment,
+        scale, kappa, **flags,
         num_warps=config.grad_embeddings.num_warps, num_stages=config.grad_embeddings.num_stages)
     splits = prototype_splits(plan.tiles_n, plan.tiles_m, config)
     partials = torch.empty(splits, m_pad, block_d, device=device, dtype=torch.float32)

@@ -116,12 +116,13 @@ def _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width, pro
 @triton.jit
 def pixel_segment_lse_kernel(
     embeddings, prototypes,                          # [n_pad, BLOCK_D], [m_pad, BLOCK_D], sorted, zero-padded
-    pixel_ranges, pixel_words, prototype_words, prototype_keys,   # the plan's membership data (utils.tile_partners, ...)
+    pixel_ranges, pixel_words, prototype_words, prototype_keys,   # the plan's membership data (utils)
     visit_entries, visit_counts, tiles_m,            # the plan's visit row of each pixel tile
     pixel_index,                                     # [n_pad] int64: original row of each slot (-1: none)
     outputs, num_pixels,                             # [4, N] float32: lse S+, lse S-, S+ not empty, own logit
     flags,                                           # [n_pad] int32: the fast launch writes, the exact reads
     scale, prototype_norm,                           # kappa * log2(e); [1] float32: the largest |p|
+    own_prototypes, own_stride_row, own_stride_col, segment, dim,   # the caller's [M, dim] prototypes, [N] int64
     SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, IEEE: tl.constexpr, EXACT: tl.constexpr,
     COLUMN_MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -230,15 +231,17 @@ def pixel_segment_lse_kernel(
     tl.store(outputs + num_pixels + index, tl.where(has_negative, (max_negative + tl.log2(
         tl.where(has_negative, sum_negative, 1.0))) * LN2, float("-inf")), mask=stored)
     tl.store(outputs + 2 * num_pixels + index, has_positive.to(tl.float32), mask=stored)
-    own_logit = own_similarity(embeddings, prototypes, offs_n, own, stored & (own >= 0), BLOCK_D) * (scale * LN2)
+    own_logit = own_similarity(embeddings, offs_n, own_prototypes, own_stride_row, own_stride_col, segment, index,
+                               stored, dim, BLOCK_D) * (scale * LN2)
     tl.store(outputs + 3 * num_pixels + index, own_logit, mask=stored)
 
 
 def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor,
-                             prototype_norm: torch.Tensor, plan, config, kappa: float) -> torch.Tensor:
+                             prototype_norm: torch.Tensor, prototypes: torch.Tensor, segment: torch.Tensor, plan,
+                             config, kappa: float) -> torch.Tensor:
     """sorted_embeddings [n_pad, BLOCK_D], sorted_prototypes [m_pad, BLOCK_D] (``ContrastPlan`` slots,
-    zero-padded, same float dtype), prototype_norm [1] float32 (their largest norm); config:
-    ``configs.ContrastConfig``.
+    zero-padded, same float dtype), prototype_norm [1] float32 (their largest norm); prototypes [M, D] and
+    segment [N] int64 as the caller has them (the own segments' logits); config: ``configs.ContrastConfig``.
     Returns [4, N] float32: lse over S+ and over S- less the own segment (natural log, -inf when empty),
     1.0 where S+ less it is not empty, and the own segment's logit kappa <e, p_own>; 0 for pixels that
     do not participate."""
@@ -250,7 +253,8 @@ def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes:
         pixel_segment_lse_kernel[(plan.tiles_n,)](
             sorted_embeddings, sorted_prototypes, plan.pixel_ranges, plan.pixel_words, plan.prototype_words,
             plan.prototype_keys, plan.row_entries, plan.row_counts, plan.tiles_m, plan.pixel_index, outputs,
-            outputs.shape[1], flags, kappa * LOG2E, prototype_norm,
+            outputs.shape[1], flags, kappa * LOG2E, prototype_norm, prototypes, prototypes.stride(0),
+            prototypes.stride(1), segment, prototypes.shape[1],
             SET_MODE=plan.set_mode, NUM_WORDS=plan.num_words, IEEE=ieee_dot(sorted_embeddings.dtype), EXACT=exact,
             COLUMN_MASKED=config.column_masked, BLOCK_N=config.block_n, BLOCK_M=config.block_m, BLOCK_D=block_d,
             num_warps=config.forward.num_warps, num_stages=config.forward.num_stages)

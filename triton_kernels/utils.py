@@ -200,15 +200,25 @@ def own_membership(own, positive_lo, positive_width, pixel_words, prototype_word
 
 
 @triton.jit
-def own_similarity(embeddings, prototypes, offs_n, own, used, BLOCK_D: tl.constexpr):
-    """<e, p_own> in float32 for the ``used`` pixels of a tile ([BN]; 0 elsewhere) from the padded copies,
-    16 columns at a time (few registers, at the end of a kernel)."""
-    rows = tl.where(used, own, 0).to(tl.int64)
+def own_prototype_rows(own_prototypes, stride_row, stride_col, segment, index, used, columns, dim):
+    """[BN, len(columns)] float32: those columns of the prototype of each pixel's own segment,
+    ``segment[index]``, read from the caller's [M, dim] prototypes (a segment that takes no part is a zero
+    row in the plan's copies, but its prototype is still its pixels' own); 0 where not ``used``."""
+    own_segment = tl.load(segment + index, mask=used, other=0)
+    return tl.load(own_prototypes + own_segment[:, None] * stride_row + columns[None, :] * stride_col,
+                   mask=used[:, None] & (columns < dim)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def own_similarity(embeddings, offs_n, own_prototypes, stride_row, stride_col, segment, index, used, dim,
+                   BLOCK_D: tl.constexpr):
+    """<e, p_own> in float32 for the ``used`` pixels of a tile ([BN]; 0 elsewhere): e from the plan's padded
+    copy, p_own from the caller's prototypes (``own_prototype_rows``), 16 columns at a time (few
+    registers, at the end of a kernel)."""
     total = tl.zeros(offs_n.shape, tl.float32)
     for first in tl.static_range(0, BLOCK_D, 16):
         columns = first + tl.arange(0, 16)
         pixel = tl.load(embeddings + offs_n[:, None] * BLOCK_D + columns[None, :]).to(tl.float32)
-        prototype = tl.load(prototypes + rows[:, None] * BLOCK_D + columns[None, :], mask=used[:, None],
-                            other=0.0).to(tl.float32)
-        total += tl.sum(pixel * prototype, axis=1)
+        total += tl.sum(pixel * own_prototype_rows(own_prototypes, stride_row, stride_col, segment, index, used,
+                                                   columns, dim), axis=1)
     return total

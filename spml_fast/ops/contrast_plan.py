@@ -18,20 +18,28 @@ pixel's own. So the plan
 2. places the segments in the kernels' padded rows ("slots"): each group
    starts on a tile boundary (the rest of its last tile stays empty: zero
    rows, members of nothing), within a budget of ``ALIGNED_RUNS`` tiles of
-   padding, so that a tile rarely mixes two images. Pixels keep their sorted
-   position (a pixel tile across two images costs a few masked tiles only);
-3. classifies every tile pair from per-tile bounds of the pixels' ranges,
+   padding, so that a tile rarely mixes two images; every slot gets its
+   segment's key (group << 32 | label + 1) for the kernels' column tests;
+3. places the pixels likewise: each run of one type (group and label or
+   class set) starts on a tile boundary, within ``PIXEL_ALIGNED_RUNS`` tiles
+   (at most a quarter more), the rest of its last tile repeating its last
+   row (a zero row that takes no part): a pixel tile then holds one type, so
+   that its masked tiles need a membership test per segment, not per pair;
+4. classifies every tile pair from per-tile bounds of the pixels' ranges,
    never per pair (``triton_kernels.visit_plan.tile_loop``):
    - UNIFORM: for every pixel of the tile, every segment of the tile is a
      partner, and either all are positives or none is: the kernels'
      unmasked loop, no label loads;
    - EXCLUDING: uniform, but the tile holds a pixel's own segment or empty
      slots past its group: the same loop with one column test per pair;
-   - MASKED: a label or group boundary for these pixels: per-pair membership;
+   - COLUMN_MASKED: a label or group boundary, and the pixel tile holds one
+     type: membership per segment (``pixel_tile_types``);
+   - PAIR_MASKED: the same with several types in the pixel tile (a budget
+     exhausted, or a configuration without the column loop): per pair;
    - NO_VISIT: no partner of any of the tile's pixels in the segment tile;
-4. lists the visits of each pixel tile (forward, dE) and of each segment
+5. lists the visits of each pixel tile (forward, dE) and of each segment
    tile (dP) as rows of a dense [tiles, other tiles] int32 matrix, in loop
-   order, with each loop's end in ``[tiles, 3]``
+   order, with each loop's end in ``[tiles, LOOPS]``
    (entry = other tile x 2 + 1 if all pairs are positives).
 
 Memory: O(N + M) for the orders, ranges and slots; 2 x tiles_n x tiles_m
@@ -220,7 +228,7 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
         (slot[:-1],), pixel_index)[:n_pad]
     pixel_words = (F.pad(pixel_words_sorted, (0, 0, 1, 1))[source] if set_mode else prototype_words)
 
-    # 4-5. Tile loops and visit lists.
+    # 4-5. Tile loops and visit lists (and which pixel tiles hold one type).
     lists = visit_lists(pixel_ranges, pixel_words, prototype_words, kept_end, set_mode, column_masked, block_n,
                         block_m)
     return ContrastPlan(block_n, block_m, pixel_order, pixel_index, slot_sorted[sorted_position], prototype_dropped,

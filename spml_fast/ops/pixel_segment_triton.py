@@ -58,7 +58,8 @@ def triton_other_segment_stats(embeddings, prototypes, inputs: LossInputs, prepa
     segment's logit), [N] float32 each; -inf for empty sets, 0 for pixels that do not participate."""
     from spml_fast.triton_kernels.pixel_segment_fwd import launch_pixel_segment_lse
     pixels, placed, norm = prepared.sorted_copies(embeddings, prototypes)
-    return launch_pixel_segment_lse(pixels, placed, norm, prepared.plan, prepared.config, inputs.kappa).unbind(0)
+    return launch_pixel_segment_lse(pixels, placed, norm, prototypes, inputs.segment, prepared.plan, prepared.config,
+                                    inputs.kappa).unbind(0)
 
 
 def triton_other_segment_grads(embeddings, prototypes, inputs: LossInputs, prepared: TritonPlan, lse_positive,
@@ -70,6 +71,8 @@ def triton_other_segment_grads(embeddings, prototypes, inputs: LossInputs, prepa
     plan = prepared.plan
     pixels, placed, _ = prepared.sorted_copies(embeddings, prototypes)
     grad_embeddings, sorted_grad_prototypes, own = launch_pixel_segment_grads(
-        pixels, placed, plan, prepared.config, inputs.kappa, lse_all, lse_positive, pixel_grad, own_grad,
-        embeddings.shape[1])
+        pixels, placed, prototypes, inputs.segment, plan, prepared.config, inputs.kappa, lse_all, lse_positive,
+        pixel_grad, own_grad)
+    if not prepared.config.column_masked:        # that configuration's dE kernel leaves the own term to us
+        grad_embeddings.addcmul_(own[:, None], prototypes.index_select(0, inputs.segment).float())
     return grad_embeddings, sorted_grad_prototypes[plan.prototype_slot, :prototypes.shape[1]], own
