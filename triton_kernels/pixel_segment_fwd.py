@@ -161,7 +161,10 @@ def pixel_segment_lse_kernel(
     # Pass 3: masked tiles of a pixel tile of one type: membership per column, the own segment per pair.
     # (COLUMN_MASKED: a configuration whose registers do not allow it sends these tiles to pass 4.)
     lost = tl.zeros([BLOCK_N], tl.int32)
-    if COLUMN_MASKED:
+    pairs_start = columns_end
+    if EXACT:                   # the rare redo takes the column-masked tiles in pass 4: one max per set
+        pairs_start = excluding_end
+    if COLUMN_MASKED and not EXACT:
         # the shift: a bound on every logit of the row, |e| max|p| kappa log2(e) (no max per tile; a set
         # lost below it is flagged as in pass 4)
         bound = tl.sqrt(tl.sum(pixels.to(tl.float32) * pixels.to(tl.float32), axis=1)) * (
@@ -175,38 +178,36 @@ def pixel_segment_lse_kernel(
             partner, positive = column_members(start, tile.to(tl.int64) * BLOCK_N, pixel_ranges, pixel_words,
                                                prototype_words, prototype_keys, SET_MODE, NUM_WORDS, BLOCK_M)
             own_column = tl.arange(0, BLOCK_M)[None, :] == (own - start)[:, None]
-            if EXACT:
-                logits = tl.where(partner[None, :] & ~own_column, similarity * scale, float("-inf"))
-                max_positive, sum_positive, max_negative, sum_negative = _merge_two_sets(
-                    logits, positive[None, :], max_positive, sum_positive, max_negative, sum_negative)
-            else:
-                exps = tl.where(own_column, 0.0, tl.math.exp2(similarity * scale - bound[:, None]))
-                negative = partner & ~positive
-                tile_positive = tl.sum(exps * tl.where(positive, 1.0, 0.0)[None, :], axis=1)
-                tile_negative = tl.sum(exps * tl.where(negative, 1.0, 0.0)[None, :], axis=1)
-                # members of each set in the tile, less the own segment
-                own_here = _in_range(own, start, BLOCK_M) & own_partner
-                positives = tl.sum(positive.to(tl.int32), axis=0) - (own_here & own_positive).to(tl.int32)
-                negatives = tl.sum(negative.to(tl.int32), axis=0) - (own_here & ~own_positive).to(tl.int32)
-                lost |= (((positives > 0) & (tile_positive < LOST_BELOW)) |
-                         ((negatives > 0) & (tile_negative < LOST_BELOW))).to(tl.int32)
-                max_positive, sum_positive = _merge_tile_sum(max_positive, sum_positive, bound, tile_positive)
-                max_negative, sum_negative = _merge_tile_sum(max_negative, sum_negative, bound, tile_negative)
+            exps = tl.where(own_column, 0.0, tl.math.exp2(similarity * scale - bound[:, None]))
+            negative = partner & ~positive
+            tile_positive = tl.sum(exps * tl.where(positive, 1.0, 0.0)[None, :], axis=1)
+            tile_negative = tl.sum(exps * tl.where(negative, 1.0, 0.0)[None, :], axis=1)
+            # members of each set in the tile, less the own segment
+            own_here = _in_range(own, start, BLOCK_M) & own_partner
+            positives = tl.sum(positive.to(tl.int32), axis=0) - (own_here & own_positive).to(tl.int32)
+            negatives = tl.sum(negative.to(tl.int32), axis=0) - (own_here & ~own_positive).to(tl.int32)
+            lost |= (((positives > 0) & (tile_positive < LOST_BELOW)) |
+                     ((negatives > 0) & (tile_negative < LOST_BELOW))).to(tl.int32)
+            max_positive, sum_positive = _merge_tile_sum(max_positive, sum_positive, bound, tile_positive)
+            max_negative, sum_negative = _merge_tile_sum(max_negative, sum_negative, bound, tile_negative)
 
     # Pass 4: masked tiles of a pixel tile of several types: membership per pair.
-    for visit in range(columns_end, masked_end):
+    for visit in range(pairs_start, masked_end):
         offs_m = (tl.load(entries + visit) >> 1).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         similarity = dot(pixels, tl.trans(load_tile(prototypes, offs_m, BLOCK_D)), IEEE)
         masked = tl.where(tile_partners(offs_m, own, lo, width, False), similarity, float("-inf"))
-        positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
-                                  SET_MODE, NUM_WORDS, False)
         if EXACT:
+            positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                      SET_MODE, NUM_WORDS, False)
             max_positive, sum_positive, max_negative, sum_negative = _merge_two_sets(
                 masked * scale, positive, max_positive, sum_positive, max_negative, sum_negative)
         else:           # one max per tile, shared by both sets
             tile_max = tl.max(masked, axis=1) * scale
             shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
             exps = tl.math.exp2(masked * scale - shift[:, None])                       # 0 off the partners
+            # (the positives after the max: a boolean tile live across a reduction is packed bit by bit)
+            positive = tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
+                                      SET_MODE, NUM_WORDS, False)
             tile_positive = tl.sum(tl.where(positive, exps, 0.0), axis=1)
             tile_negative = tl.sum(tl.where(positive, 0.0, exps), axis=1)
             may_positive, may_negative = _members_in_tile(offs_m, offs_n, lo, width, positive_lo, positive_width,
@@ -231,9 +232,10 @@ def pixel_segment_lse_kernel(
     tl.store(outputs + num_pixels + index, tl.where(has_negative, (max_negative + tl.log2(
         tl.where(has_negative, sum_negative, 1.0))) * LN2, float("-inf")), mask=stored)
     tl.store(outputs + 2 * num_pixels + index, has_positive.to(tl.float32), mask=stored)
-    own_logit = own_similarity(embeddings, offs_n, own_prototypes, own_stride_row, own_stride_col, segment, index,
-                               stored, dim, BLOCK_D) * (scale * LN2)
-    tl.store(outputs + 3 * num_pixels + index, own_logit, mask=stored)
+    if not EXACT:               # (the redo leaves the own logits the fast launch wrote)
+        own_logit = own_similarity(embeddings, offs_n, own_prototypes, own_stride_row, own_stride_col, segment,
+                                   index, stored, dim, BLOCK_D) * (scale * LN2)
+        tl.store(outputs + 3 * num_pixels + index, own_logit, mask=stored)
 
 
 def launch_pixel_segment_lse(sorted_embeddings: torch.Tensor, sorted_prototypes: torch.Tensor,

@@ -216,7 +216,7 @@ def own_similarity(embeddings, offs_n, own_prototypes, stride_row, stride_col, s
     copy, p_own from the caller's prototypes (``own_prototype_rows``), 16 columns at a time (few
     registers, at the end of a kernel)."""
     total = tl.zeros(offs_n.shape, tl.float32)
-    for first in tl.static_range(0, BLOCK_D, 16):
+    for first in range(0, BLOCK_D, 16):                 # a loop, not unrolled: one chunk's registers at a time
         columns = first + tl.arange(0, 16)
         pixel = tl.load(embeddings + offs_n[:, None] * BLOCK_D + columns[None, :]).to(tl.float32)
         total += tl.sum(pixel * own_prototype_rows(own_prototypes, stride_row, stride_col, segment, index, used,
