@@ -29,8 +29,14 @@ def test_sm90_tiles_through_the_interpreter(monkeypatch, mode, dim):
     from spml_fast.triton_kernels.utils import block_dim
     monkeypatch.setattr(configs, "architecture", lambda device: "sm90")
     config = configs.contrast_config(torch.device("cpu"), block_dim(dim))
-    # two and a bit tiles each way: uniform, masked and ragged tiles at the shipped BLOCK sizes
-    problem = make_problem(2 * config.block_n + 11, 2 * config.block_m + 5, dim=dim, mode=mode)
+    # four (pixels) and two (segments) tiles and a bit: uniform, column- and pair-masked and ragged tiles at
+    # the shipped BLOCK sizes
+    problem = make_problem(4 * config.block_n + 11, 2 * config.block_m + 5, dim=dim, mode=mode, num_classes=3)
+    if config.column_masked and not problem.groups:
+        from spml_fast.ops.contrast_plan import build_plan
+        described = build_plan(problem.segment, problem.pixel_labels, problem.prototype_labels, None, None,
+                               config.block_n, config.block_m).describe()
+        assert described["column_masked_tiles"] > 0 and described["pair_masked_tiles"] > 0, described
     got = loss_and_grads(pixel_segment_loss, problem, backend="triton")
     expected = loss_and_grads(pixel_segment_loss_dense, problem)
     for g, e in zip(got, expected):
