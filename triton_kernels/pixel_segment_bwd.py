@@ -234,7 +234,7 @@ def grad_embeddings_kernel(
     tl.store(own_out + index, own_coefficient, mask=stored)
     # dE += c p_own, 16 columns at a time over the rows just stored (a barrier: other threads wrote them),
     # so that no second [BLOCK_N, BLOCK_D] tile is live next to the accumulator. (Without pass 3 the
-    # caller adds it: at D = 128 even this epilogue spills.)
+    # launcher adds it: at D = 128 even this epilogue spills.)
     if COLUMN_MASKED:
         tl.debug_barrier()
         for first in range(0, BLOCK_D, 16):             # a loop, not unrolled: one chunk's registers at a time
@@ -344,10 +344,9 @@ def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototype
     and segment [N] as the caller has them (the own segments' terms); lse_all,
     lse_positive, pixel_grad, own_grad [N] float32 (g = 0 where the pixel does not take part; own_grad:
     kappa dL/d(own logit)). Returns float32 (dE [N, dim], dP [m_pad, BLOCK_D] in the slots' order, own
-    [N]): dE whole (with ``config.column_masked``; else without the own segment's term, own * p_own); dP
-    over the other segments, except that a column-masked tile leaves the own segment's term in; ``own``
-    is the own segment's coefficient, g * own_grad less that term, for the caller to complete dP
-    (dP_own += own * e)."""
+    [N]): dE whole; dP over the other segments, except that a column-masked tile leaves the own segment's
+    term in; ``own`` is the own segment's coefficient, g * own_grad less that term, for the caller to
+    complete dP (dP_own += own * e)."""
     block_d = sorted_embeddings.shape[1]
     m_pad = sorted_prototypes.shape[0]
     device = sorted_embeddings.device
@@ -373,4 +372,6 @@ def launch_pixel_segment_grads(sorted_embeddings: torch.Tensor, sorted_prototype
         sorted_embeddings, sorted_prototypes, *meta, plan.col_entries, plan.col_counts, plan.tiles_n, row_stats,
         grad_scale, partials, scale, kappa, m_pad, **flags,
         num_warps=config.grad_prototypes.num_warps, num_stages=config.grad_prototypes.num_stages)
+    if not config.column_masked:         # that dE kernel has no registers for its own-term epilogue
+        grad_embeddings.addcmul_(own[:, None], prototypes.index_select(0, segment).float())
     return grad_embeddings, partials.sum(0), own

@@ -26,9 +26,10 @@ A shared max or bound can leave a set's tile sum at (or near) zero when the
 set lies ~100 log2 units below it (kappa * similarity gaps above ~70: never
 with unit vectors and kappa < 35). The fast launch flags such rows (the set
 has members in the tile, its tile sum < 2^-100) in ``flags``; a second launch
-with ``EXACT`` (each set its own max in passes 3 and 4: two max reductions
-per pair) recomputes the flagged rows, its programs without a flagged row
-return at once. No read-back: both launches are always made.
+with ``EXACT`` (each set its own max: two max reductions per pair; it takes
+the column-masked tiles in pass 4) recomputes the flagged rows, its programs
+without a flagged row return at once. No read-back: both launches are
+always made.
 
 Stored per participating pixel, in its original row (``pixel_index``): the
 natural-log lse of S+ and of S- (-inf when empty), whether S+ is not empty,
@@ -44,7 +45,7 @@ from .utils import (LN2, LOG2E, _in_range, bitwise_and, bitwise_or, column_membe
                     load_tile, own_membership, own_similarity, tile_partners, tile_positives, visit_bounds)
 
 LAUNCHES = (False, True)          # EXACT of the two launches (tests take the second away to see it work)
-LOST_BELOW: tl.constexpr = tl.constexpr(2.0 ** -100)   # a set's tile sum under the shared max: flag the row
+LOST_BELOW: tl.constexpr = tl.constexpr(2.0 ** -100)   # a set's tile sum under the shared shift: flag the row
 
 
 @triton.jit
@@ -64,7 +65,7 @@ def _merge_one_set(logits, is_positive, max_positive, sum_positive, max_negative
 def _merge_two_sets(logits, positive, max_positive, sum_positive, max_negative, sum_negative):
     """The exact launch's masked tiles: each set its own max (two max reductions per pair), so that neither
     set's sum can underflow under the other's max. logits [BN, BM] float32 log2 units, -inf off the
-    partners; positive [BN, BM] or [1, BM] bool."""
+    partners; positive [BN, BM] bool."""
     logits_positive = tl.where(positive, logits, float("-inf"))
     logits_negative = tl.where(positive, float("-inf"), logits)
     new_positive = tl.maximum(max_positive, tl.max(logits_positive, axis=1))

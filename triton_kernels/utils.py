@@ -131,6 +131,18 @@ def tile_partners(offs_m, own, lo, width, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def words_intersect(pixel_words, pixel_rows, prototype_words, slots, NUM_WORDS: tl.constexpr):
+    """Whether the class sets (``NUM_WORDS`` int64 words a row) of pixel rows and segment slots intersect,
+    for vectors of offsets: a scalar row and [BM] slots, or [BN] rows and [BN] slots (tiles:
+    ``tile_positives``)."""
+    shared = tl.load(pixel_words + pixel_rows * NUM_WORDS) & tl.load(prototype_words + slots * NUM_WORDS)
+    for word in tl.static_range(1, NUM_WORDS):
+        shared = shared | (tl.load(pixel_words + pixel_rows * NUM_WORDS + word)
+                           & tl.load(prototype_words + slots * NUM_WORDS + word))
+    return shared != 0
+
+
+@triton.jit
 def tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, prototype_words,
                    SET_MODE: tl.constexpr, NUM_WORDS: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Whether the segment would be a positive of the pixel, as a tile mask: in single-label mode its slot
@@ -138,7 +150,7 @@ def tile_positives(offs_n, offs_m, positive_lo, positive_width, pixel_words, pro
     for partners only (``tile_partners``): the loops combine both through the logits (-inf off the
     partners), so that no boolean tile lives across a reduction (the compiler would pack it into
     registers bit by bit)."""
-    if SET_MODE:
+    if SET_MODE:     # the words loaded as vectors, then broadcast (tile-shaped loads cost 5-10x here)
         words_i, words_s = _outer(tl.load(pixel_words + offs_n * NUM_WORDS),
                                   tl.load(prototype_words + offs_m * NUM_WORDS), TRANSPOSED)
         shared = words_i & words_s
@@ -168,12 +180,8 @@ def column_members(start, type_row, pixel_ranges, pixel_words, prototype_words, 
     group = tl.load(prototype_keys + tl.load(row + 1).to(tl.int64)) >> 32     # the first slot of its group
     partner = (keys >> 32) == group
     if SET_MODE:
-        offs_m = start.to(tl.int64) + tl.arange(0, BLOCK_M)
-        shared = tl.load(prototype_words + offs_m * NUM_WORDS) & tl.load(pixel_words + type_row * NUM_WORDS)
-        for word in tl.static_range(1, NUM_WORDS):
-            shared = shared | (tl.load(prototype_words + offs_m * NUM_WORDS + word)
-                               & tl.load(pixel_words + type_row * NUM_WORDS + word))
-        positive = partner & (shared != 0)
+        positive = partner & words_intersect(pixel_words, type_row, prototype_words,
+                                             start.to(tl.int64) + tl.arange(0, BLOCK_M), NUM_WORDS)
     else:           # the type's key is the key of the first slot of its positive range, if any
         has_positives = tl.load(row + 4) > 0
         positive = has_positives & (keys == tl.load(prototype_keys + tl.load(row + 3).to(tl.int64),
@@ -188,12 +196,8 @@ def own_membership(own, positive_lo, positive_width, pixel_words, prototype_word
     flags count the members of a tile less the own segment)."""
     partner = _in_range(own, lo, width) & (own >= 0)
     if SET_MODE:
-        slot = tl.where(partner, own, 0).to(tl.int64)
-        shared = tl.load(pixel_words + offs_n * NUM_WORDS) & tl.load(prototype_words + slot * NUM_WORDS)
-        for word in tl.static_range(1, NUM_WORDS):
-            shared = shared | (tl.load(pixel_words + offs_n * NUM_WORDS + word)
-                               & tl.load(prototype_words + slot * NUM_WORDS + word))
-        positive = shared != 0
+        positive = words_intersect(pixel_words, offs_n, prototype_words, tl.where(partner, own, 0).to(tl.int64),
+                                   NUM_WORDS)
     else:
         positive = _in_range(own, positive_lo, positive_width)
     return partner, partner & positive

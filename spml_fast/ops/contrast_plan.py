@@ -17,12 +17,12 @@ pixel's own. So the plan
    pixel tile sit in one or two segment tiles;
 2. places the segments in the kernels' padded rows ("slots"): each group
    starts on a tile boundary (the rest of its last tile stays empty: zero
-   rows, members of nothing), within a budget of ``ALIGNED_RUNS`` tiles of
+   rows, members of nothing), within a budget (``SEGMENT_PADDING``) of
    padding, so that a tile rarely mixes two images; every slot gets its
    segment's key (group << 32 | label + 1) for the kernels' column tests;
 3. places the pixels likewise: each run of one type (group and label or
-   class set) starts on a tile boundary, within ``PIXEL_ALIGNED_RUNS`` tiles
-   (at most a quarter more), the rest of its last tile repeating its last
+   class set) starts on a tile boundary, within ``PIXEL_PADDING`` (a
+   quarter more tiles at most), the rest of its last tile repeating its last
    row (a zero row that takes no part): a pixel tile then holds one type, so
    that its masked tiles need a membership test per segment, not per pair;
 4. classifies every tile pair from per-tile bounds of the pixels' ranges,
@@ -58,8 +58,9 @@ import torch.nn.functional as F
 SKIP, NEGATIVE, POSITIVE, MASKED = 0, 1, 2, 3            # tile kinds (tests and reports)
 UNIFORM, EXCLUDING, COLUMN_MASKED, PAIR_MASKED, NO_VISIT = 0, 1, 2, 3, 4   # loops, in visit order
 LOOPS = 4                 # visited loops: the visit counts' columns
-ALIGNED_RUNS = 256        # tiles of padding at most (runs start on tile boundaries): host-known sizes
-PIXEL_ALIGNED_RUNS = 1024  # the same for the pixels' runs
+# padding budgets that start runs on tile boundaries (tiles of data per tile of padding, most tiles):
+SEGMENT_PADDING = (1, 256)   # segments: each group's run
+PIXEL_PADDING = (4, 1024)    # pixels: each type's run (a pixel type pads half a tile on average)
 GROUP_SHIFT = 32          # single-label sort key: group << 32 | (label + 1)
 NOT_KEPT = torch.iinfo(torch.int64).max     # segments that cannot take part: sorted last, a group of their own
 UNLABELLED = torch.iinfo(torch.int64).min   # pixels that do not take part: sorted first, in no segment's group
@@ -137,20 +138,13 @@ class ContrastPlan:
         return kinds
 
 
-def padded_prototypes(num_prototypes: int, block_m: int) -> tuple[int, int]:
-    """(slots, padding budget) for M segments: the budget is at most one tile per tile of data, and
-    ``ALIGNED_RUNS`` tiles."""
-    tiles = -(-num_prototypes // block_m)
-    budget = min(tiles, ALIGNED_RUNS) * block_m
-    return (tiles * block_m + budget), budget
-
-
-def padded_pixels(num_pixels: int, block_n: int) -> tuple[int, int]:
-    """(slots, padding budget) for N pixels: at most a quarter more tiles, and ``PIXEL_ALIGNED_RUNS``
-    tiles (a pixel type - label or class set, in an image or a region - pads half a tile on average)."""
-    tiles = -(-num_pixels // block_n)
-    budget = min(-(-tiles // 4), PIXEL_ALIGNED_RUNS) * block_n
-    return (tiles * block_n + budget), budget
+def padded_slots(count: int, block: int, padding: tuple[int, int]) -> tuple[int, int]:
+    """(slots, padding budget) for ``count`` rows in tiles of ``block``, ``padding`` = (tiles of data per
+    tile of budget, most tiles of budget): every size from the shapes only."""
+    per, most = padding
+    tiles = -(-count // block)
+    budget = min(-(-tiles // per), most) * block
+    return tiles * block + budget, budget
 
 
 def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labels: torch.Tensor,
@@ -161,8 +155,8 @@ def build_plan(segment: torch.Tensor, pixel_labels: torch.Tensor, prototype_labe
     ``column_masked``: whether the kernels have the column-masked loop (``configs.ContrastConfig``)."""
     set_mode = pixel_labels.dim() == 2
     num_pixels, num_prototypes = pixel_labels.shape[0], prototype_labels.shape[0]
-    n_pad, pixel_budget = padded_pixels(num_pixels, block_n)
-    m_pad, budget = padded_prototypes(num_prototypes, block_m)
+    n_pad, pixel_budget = padded_slots(num_pixels, block_n, PIXEL_PADDING)
+    m_pad, budget = padded_slots(num_prototypes, block_m, SEGMENT_PADDING)
 
     # 1. Sort. Single-label: one int64 key per row; set mode: (group, words...) columns.
     if set_mode:

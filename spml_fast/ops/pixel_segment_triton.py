@@ -73,6 +73,4 @@ def triton_other_segment_grads(embeddings, prototypes, inputs: LossInputs, prepa
     grad_embeddings, sorted_grad_prototypes, own = launch_pixel_segment_grads(
         pixels, placed, prototypes, inputs.segment, plan, prepared.config, inputs.kappa, lse_all, lse_positive,
         pixel_grad, own_grad)
-    if not prepared.config.column_masked:        # that configuration's dE kernel leaves the own term to us
-        grad_embeddings.addcmul_(own[:, None], prototypes.index_select(0, inputs.segment).float())
     return grad_embeddings, sorted_grad_prototypes[plan.prototype_slot, :prototypes.shape[1]], own
